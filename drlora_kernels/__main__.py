@@ -1,0 +1,3 @@
+from drlora_kernels.cli import main
+
+raise SystemExit(main())

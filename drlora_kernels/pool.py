@@ -1,0 +1,176 @@
+"""The padded rank pool: ``r_max`` LoRA slots per expert, allocated once.
+
+For one adapted projection (``E`` experts, ``K`` in, ``N`` out) the pool holds
+``lora_A [E, R, K]`` and ``lora_B [E, N, R]`` as parameters and ``ranks [E]``
+(int32) as a buffer. Only ``lora_A[e, :r_e]`` and ``lora_B[e, :, :r_e]`` take
+part in the computation. Growth initialises the next slots in place and bumps
+``ranks``: no tensor is reallocated, parameter identity and optimizer-state
+shapes never change, and the output is unchanged at the moment of growth
+(new ``B`` columns are zero).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+SCALINGS = ("standard", "rslora")
+
+
+def lora_scale(alpha: float, r_target: int, scaling: str = "standard") -> float:
+    """The fixed LoRA scale of SPEC.md: ``alpha / r_target`` (``alpha / sqrt(r_target)`` for rsLoRA)."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    if r_target <= 0:
+        raise ValueError(f"r_target must be positive, got {r_target}")
+    return alpha / (math.sqrt(r_target) if scaling == "rslora" else r_target)
+
+
+def kaiming_uniform_rows(rows: int, in_features: int, generator: torch.Generator | None, dtype, device) -> torch.Tensor:
+    """PEFT's default ``lora_A`` init: Kaiming-uniform with ``a=sqrt(5)``, i.e. ``U(-1/sqrt(K), 1/sqrt(K))``.
+
+    Drawn on the CPU (so a seeded generator gives the same values on every device), then moved.
+    """
+    bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+    out = torch.empty(rows, in_features, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    return out.to(dtype=dtype, device=device)
+
+
+class RankPool(nn.Module):
+    """Per-expert LoRA slots for one stack of expert projections, with a per-expert active rank.
+
+    Args:
+        num_experts: ``E``.
+        in_features: ``K`` (the projection's input size).
+        out_features: ``N`` (the projection's output size).
+        r_max: ``R``, slots per expert (hard cap on the rank).
+        r_init: starting active rank of every expert.
+        r_target: the mean rank the budget aims at; sets the fixed scale (default ``r_init``).
+        alpha: LoRA alpha (default ``2 * r_target``).
+        scaling: ``"standard"`` (``alpha / r_target``) or ``"rslora"`` (``alpha / sqrt(r_target)``).
+        init: ``"peft"``: Kaiming-uniform ``A`` (all ``R`` rows), zero ``B``.
+        generator: optional generator for the initial ``A``.
+    """
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    ranks: torch.Tensor
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        r_max: int,
+        r_init: int,
+        *,
+        r_target: int | None = None,
+        alpha: float | None = None,
+        scaling: str = "standard",
+        init: str = "peft",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, val in (("num_experts", num_experts), ("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if not isinstance(r_max, int) or r_max <= 0:
+            raise ValueError(f"r_max must be a positive int, got {r_max!r}")
+        if not isinstance(r_init, int) or not 0 <= r_init <= r_max:
+            raise ValueError(f"r_init must be an int in [0, r_max={r_max}], got {r_init!r}")
+        r_target = r_init if r_target is None else r_target
+        if not 0 < r_target <= r_max:
+            raise ValueError(f"r_target must be in (0, r_max={r_max}], got {r_target}")
+        if init != "peft":
+            raise ValueError(f"init must be 'peft', got {init!r}")
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.r_max, self.r_init, self.r_target = r_max, r_init, r_target
+        self.alpha = float(2 * r_target if alpha is None else alpha)
+        self.scaling_mode = scaling
+        self.scaling = lora_scale(self.alpha, r_target, scaling)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r_max, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, r_max, dtype=dtype, device=device))
+        self.register_buffer("ranks", torch.full((num_experts,), r_init, dtype=torch.int32, device=device))
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's init: every ``A`` row Kaiming-uniform, every ``B`` column zero."""
+        E, R, K = self.lora_A.shape
+        self.lora_A.copy_(kaiming_uniform_rows(E * R, K, generator, self.lora_A.dtype, self.lora_A.device).view(E, R, K))
+        self.lora_B.zero_()
+
+    @torch.no_grad()
+    def grow(
+        self,
+        expert_ids: Sequence[int] | torch.Tensor,
+        amounts: Sequence[int] | torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+    ) -> list[tuple[int, int, int]]:
+        """Activate the next ``amounts[i]`` slots of expert ``expert_ids[i]``, in place.
+
+        New ``A`` rows are re-drawn with PEFT's init (from ``generator``, or from
+        a fresh generator seeded with ``seeds[i]`` per expert, so every process
+        draws the same values); new ``B`` columns are set to zero, so the output
+        does not change. Returns ``[(expert, old_rank, new_rank), ...]``.
+
+        Raises:
+            ValueError: an id out of range or repeated, a negative amount, or growth past ``r_max``.
+        """
+        ids = [int(i) for i in (expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else expert_ids)]
+        amt = [int(a) for a in (amounts.tolist() if isinstance(amounts, torch.Tensor) else amounts)]
+        if len(ids) != len(amt):
+            raise ValueError(f"expert_ids and amounts must have the same length, got {len(ids)} and {len(amt)}")
+        if seeds is not None and len(seeds) != len(ids):
+            raise ValueError(f"seeds must have one entry per expert id ({len(ids)}), got {len(seeds)}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"expert_ids must not repeat, got {ids}")
+        ranks = self.ranks.tolist()
+        for e, a in zip(ids, amt):
+            if not 0 <= e < self.num_experts:
+                raise ValueError(f"expert_ids holds {e}, expected ids in [0, {self.num_experts})")
+            if a < 0:
+                raise ValueError(f"amounts must be >= 0, got {a} for expert {e}")
+            if ranks[e] + a > self.r_max:
+                raise ValueError(
+                    f"growing expert {e} by {a} from rank {ranks[e]} exceeds r_max={self.r_max}"
+                )
+        changes = []
+        for i, (e, a) in enumerate(zip(ids, amt)):
+            if a == 0:
+                continue
+            r = ranks[e]
+            gen = generator
+            if seeds is not None:
+                gen = torch.Generator().manual_seed(int(seeds[i]))
+            self.lora_A[e, r : r + a] = kaiming_uniform_rows(a, self.in_features, gen, self.lora_A.dtype, self.lora_A.device)
+            self.lora_B[e, :, r : r + a] = 0
+            changes.append((e, r, r + a))
+        if changes:
+            idx = torch.tensor([c[0] for c in changes], dtype=torch.long, device=self.ranks.device)
+            new = torch.tensor([c[2] for c in changes], dtype=torch.int32, device=self.ranks.device)
+            self.ranks.index_copy_(0, idx, new)
+        return changes
+
+    def active_mask(self) -> torch.Tensor:
+        """`[E, R]` bool: slot ``j`` of expert ``e`` is active iff ``j < ranks[e]``."""
+        return torch.arange(self.r_max, device=self.ranks.device)[None, :] < self.ranks[:, None]
+
+    @property
+    def total_rank(self) -> int:
+        return int(self.ranks.sum())
+
+    def extra_repr(self) -> str:
+        r = self.ranks.float()
+        return (
+            f"E={self.num_experts}, K={self.in_features}, N={self.out_features}, r_max={self.r_max}, "
+            f"ranks(mean={r.mean():.2f}, min={int(r.min())}, max={int(r.max())}), scaling={self.scaling:g}"
+        )

@@ -1,0 +1,141 @@
+"""Build the optional native extension ``drlora_kernels._C`` with CMake.
+
+Package metadata lives in ``pyproject.toml``; this file only drives CMake.
+
+Environment gates (see README, "Environment variables"):
+
+* ``DRLORA_BUILD_NATIVE=0``    skip the extension (pure-Python install, torch not needed to build);
+* ``DRLORA_BUILD_NATIVE=auto`` (default) try to build, warn and continue on failure;
+* ``DRLORA_BUILD_NATIVE=1``    a build failure is fatal (CI, releases);
+* ``DRLORA_CUDA_ARCHS``        CUDA archs, e.g. ``"80;90"`` (default ``80;90``), used when nvcc is found;
+* ``DRLORA_WITH_CUDA=0``       do not compile the CUDA sources even when nvcc is found;
+* ``MAX_JOBS``                 parallel build jobs; ``DEBUG=1`` for a debug build.
+
+The native build needs the installed torch: install with ``--no-build-isolation``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+MODE = os.environ.get("DRLORA_BUILD_NATIVE", "auto").strip().lower()
+if MODE not in {"0", "1", "auto"}:
+    raise SystemExit(f"DRLORA_BUILD_NATIVE must be 0, 1 or auto, got {MODE!r}")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, sourcedir: Path = ROOT) -> None:
+        super().__init__(name, sources=[])
+        self.sourcedir = str(sourcedir)
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            self._build_cmake(ext)
+        except Exception as exc:  # CalledProcessError, missing torch, missing cmake ...
+            if MODE == "1":
+                raise
+            warnings.warn(
+                f"drlora_kernels: native extension not built ({exc}); "
+                "the reference and Triton backends still work. Set DRLORA_BUILD_NATIVE=1 to make this fatal.",
+                stacklevel=1,
+            )
+            _write_build_meta(built=False, reason=str(exc))
+
+    def _build_cmake(self, ext: CMakeExtension) -> None:
+        import pybind11
+        import torch
+        import torch.utils
+
+        ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        ext_dir = ext_path.parent
+        build_temp = Path(self.build_temp).resolve() / "cmake"
+        build_temp.mkdir(parents=True, exist_ok=True)
+        cfg = "Debug" if os.environ.get("DEBUG", "0") == "1" else "Release"
+        archs = os.environ.get("DRLORA_CUDA_ARCHS", "80;90")
+        with_cuda = os.environ.get("DRLORA_WITH_CUDA", "1") != "0"
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
+            f"-DDRLORA_EXT_FILENAME={ext_path.name}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
+            f"-DDRLORA_CUDA_ARCHS={archs}",
+            f"-DDRLORA_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+        ]
+        if shutil.which("ninja") or _has_module("ninja"):
+            args.append("-GNinja")
+            if not shutil.which("ninja"):
+                import ninja
+
+                args.append(f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}")
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        cmake = _cmake_exe()
+        subprocess.run([cmake, "-S", ext.sourcedir, "-B", str(build_temp), *args], check=True)
+        subprocess.run([cmake, "--build", str(build_temp), "--config", cfg, "-j", jobs], check=True)
+        info_file = build_temp / "drlora_build_info.txt"
+        info = dict(line.split("=", 1) for line in info_file.read_text().splitlines() if "=" in line)
+        _write_build_meta(built=True, reason="", cmake_info=info, torch_version=torch.__version__)
+        # editable installs look for the extension in the source tree
+        if self.inplace or self.editable_mode:
+            target = ROOT / "drlora_kernels" / ext_path.name
+            if target.resolve() != ext_path:
+                shutil.copy2(ext_path, target)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+def _cmake_exe() -> str:
+    found = shutil.which("cmake")
+    if found:
+        return found
+    import cmake  # the PyPI wheel
+
+    return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+
+
+def _write_build_meta(*, built: bool, reason: str, cmake_info: dict | None = None, torch_version: str = "") -> None:
+    info = cmake_info or {}
+    meta = {
+        "native_built": built,
+        "not_built_reason": reason,
+        "with_cuda": info.get("WITH_CUDA", "OFF") == "ON",
+        "cuda_archs": info.get("CUDA_ARCHS", ""),
+        "cuda_compiler": info.get("CUDA_COMPILER", ""),
+        "cxx_compiler": info.get("CXX_COMPILER", ""),
+        "torch_at_build": torch_version,
+        "git_sha": _git_sha(),
+        "build_mode": MODE,
+    }
+    body = '"""Written by setup.py at build time: what the native build produced."""\n\nBUILD_META = ' + repr(meta) + "\n"
+    (ROOT / "drlora_kernels" / "_build_meta.py").write_text(body)
+
+
+ext_modules = [] if MODE == "0" else [CMakeExtension("drlora_kernels._C")]
+if MODE == "0":
+    _write_build_meta(built=False, reason="DRLORA_BUILD_NATIVE=0 at install time")
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
