@@ -98,7 +98,9 @@ class DRLoRAConfig:
 
     def resolved_warmup(self, total_steps: int) -> int:
         """``warmup_steps`` or, when unset, 3% of ``total_steps`` (SPEC.md)."""
-        return int(self.warmup_steps) if self.warmup_steps is not None else round(0.03 * total_steps)
+        return (
+            int(self.warmup_steps) if self.warmup_steps is not None else round(0.03 * total_steps)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

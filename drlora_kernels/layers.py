@@ -27,11 +27,22 @@ class GroupedLoRALinear(RankPool):
 
     backend: str | None = None
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, offsets: torch.Tensor, base_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if base_weight is None:
-            return grouped_lora(x, self.lora_A, self.lora_B, self.ranks, offsets, self.scaling, backend=self.backend)
+            return grouped_lora(
+                x, self.lora_A, self.lora_B, self.ranks, offsets, self.scaling, backend=self.backend
+            )
         return grouped_lora_base(
-            x, base_weight, self.lora_A, self.lora_B, self.ranks, offsets, self.scaling, backend=self.backend
+            x,
+            base_weight,
+            self.lora_A,
+            self.lora_B,
+            self.ranks,
+            offsets,
+            self.scaling,
+            backend=self.backend,
         )
 
 
@@ -72,13 +83,21 @@ class DRLoRAExperts(nn.Module):
         self.num_experts = E
         self.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)
         self.down_proj = nn.Parameter(down_proj, requires_grad=False)
-        kw = dict(r_target=r_target, alpha=alpha, dtype=gate_up_proj.dtype, device=gate_up_proj.device, generator=generator)
+        kw = dict(
+            r_target=r_target,
+            alpha=alpha,
+            dtype=gate_up_proj.dtype,
+            device=gate_up_proj.device,
+            generator=generator,
+        )
         self.lora_gate_up = GroupedLoRALinear(E, H, two_i, r_max, r_init, **kw)
         self.lora_down = GroupedLoRALinear(E, two_i // 2, H, r_max, r_init, **kw)
         self.lora_gate_up.backend = self.lora_down.backend = backend
         self.act_fn = act_fn
 
-    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         routing = route_tokens(top_k_index, top_k_weights, self.num_experts)
         x = gather_tokens(hidden, routing)
         h = self.lora_gate_up(x, routing.offsets, self.gate_up_proj)

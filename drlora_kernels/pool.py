@@ -29,13 +29,17 @@ def lora_scale(alpha: float, r_target: int, scaling: str = "standard") -> float:
     return alpha / (math.sqrt(r_target) if scaling == "rslora" else r_target)
 
 
-def kaiming_uniform_rows(rows: int, in_features: int, generator: torch.Generator | None, dtype, device) -> torch.Tensor:
+def kaiming_uniform_rows(
+    rows: int, in_features: int, generator: torch.Generator | None, dtype, device
+) -> torch.Tensor:
     """PEFT's default ``lora_A`` init: Kaiming-uniform with ``a=sqrt(5)``, i.e. ``U(-1/sqrt(K), 1/sqrt(K))``.
 
     Drawn on the CPU (so a seeded generator gives the same values on every device), then moved.
     """
     bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
-    out = torch.empty(rows, in_features, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    out = torch.empty(rows, in_features, dtype=torch.float32).uniform_(
+        -bound, bound, generator=generator
+    )
     return out.to(dtype=dtype, device=device)
 
 
@@ -76,7 +80,11 @@ class RankPool(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        for name, val in (("num_experts", num_experts), ("in_features", in_features), ("out_features", out_features)):
+        for name, val in (
+            ("num_experts", num_experts),
+            ("in_features", in_features),
+            ("out_features", out_features),
+        ):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if not isinstance(r_max, int) or r_max <= 0:
@@ -88,22 +96,36 @@ class RankPool(nn.Module):
             raise ValueError(f"r_target must be in (0, r_max={r_max}], got {r_target}")
         if init != "peft":
             raise ValueError(f"init must be 'peft', got {init!r}")
-        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.num_experts, self.in_features, self.out_features = (
+            num_experts,
+            in_features,
+            out_features,
+        )
         self.r_max, self.r_init, self.r_target = r_max, r_init, r_target
         self.alpha = float(2 * r_target if alpha is None else alpha)
         self.scaling_mode = scaling
         self.scaling = lora_scale(self.alpha, r_target, scaling)
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r_max, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, r_max, dtype=dtype, device=device))
-        self.register_buffer("ranks", torch.full((num_experts,), r_init, dtype=torch.int32, device=device))
+        self.lora_A = nn.Parameter(
+            torch.empty(num_experts, r_max, in_features, dtype=dtype, device=device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.empty(num_experts, out_features, r_max, dtype=dtype, device=device)
+        )
+        self.register_buffer(
+            "ranks", torch.full((num_experts,), r_init, dtype=torch.int32, device=device)
+        )
         self.reset_parameters(generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PEFT's init: every ``A`` row Kaiming-uniform, every ``B`` column zero."""
         E, R, K = self.lora_A.shape
-        self.lora_A.copy_(kaiming_uniform_rows(E * R, K, generator, self.lora_A.dtype, self.lora_A.device).view(E, R, K))
+        self.lora_A.copy_(
+            kaiming_uniform_rows(E * R, K, generator, self.lora_A.dtype, self.lora_A.device).view(
+                E, R, K
+            )
+        )
         self.lora_B.zero_()
 
     @torch.no_grad()
@@ -125,12 +147,19 @@ class RankPool(nn.Module):
         Raises:
             ValueError: an id out of range or repeated, a negative amount, or growth past ``r_max``.
         """
-        ids = [int(i) for i in (expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else expert_ids)]
+        ids = [
+            int(i)
+            for i in (expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else expert_ids)
+        ]
         amt = [int(a) for a in (amounts.tolist() if isinstance(amounts, torch.Tensor) else amounts)]
         if len(ids) != len(amt):
-            raise ValueError(f"expert_ids and amounts must have the same length, got {len(ids)} and {len(amt)}")
+            raise ValueError(
+                f"expert_ids and amounts must have the same length, got {len(ids)} and {len(amt)}"
+            )
         if seeds is not None and len(seeds) != len(ids):
-            raise ValueError(f"seeds must have one entry per expert id ({len(ids)}), got {len(seeds)}")
+            raise ValueError(
+                f"seeds must have one entry per expert id ({len(ids)}), got {len(seeds)}"
+            )
         if len(set(ids)) != len(ids):
             raise ValueError(f"expert_ids must not repeat, got {ids}")
         ranks = self.ranks.tolist()
@@ -151,7 +180,9 @@ class RankPool(nn.Module):
             gen = generator
             if seeds is not None:
                 gen = torch.Generator().manual_seed(int(seeds[i]))
-            self.lora_A[e, r : r + a] = kaiming_uniform_rows(a, self.in_features, gen, self.lora_A.dtype, self.lora_A.device)
+            self.lora_A[e, r : r + a] = kaiming_uniform_rows(
+                a, self.in_features, gen, self.lora_A.dtype, self.lora_A.device
+            )
             self.lora_B[e, :, r : r + a] = 0
             changes.append((e, r, r + a))
         if changes:

@@ -85,7 +85,9 @@ def make_problem(
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen) * s).to(dtype=dtype, device=device)
 
-    scale_t = torch.tensor(scale if isinstance(scale, list) else [scale] * E, dtype=torch.float32, device=device)
+    scale_t = torch.tensor(
+        scale if isinstance(scale, list) else [scale] * E, dtype=torch.float32, device=device
+    )
     return Problem(
         x=rnd(T, K),
         w=rnd(E, N, K, s=K**-0.5),
@@ -111,13 +113,25 @@ def inactive_mask(ranks: torch.Tensor, R: int) -> torch.Tensor:
     return torch.arange(R, device=ranks.device)[None, :] >= ranks[:, None]
 
 
-def assert_close_to_ref(name: str, out: torch.Tensor, ref: torch.Tensor, ref_lp: torch.Tensor | None, dtype: torch.dtype) -> None:
+def assert_close_to_ref(
+    name: str, out: torch.Tensor, ref: torch.Tensor, ref_lp: torch.Tensor | None, dtype: torch.dtype
+) -> None:
     """``max|out - ref| <= 2 * max|ref_lp - ref| + floor[dtype]`` (ref: fp32/fp64 oracle; ref_lp: oracle in ``dtype``)."""
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert out.shape == ref.shape, (
+        f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    )
     out64, ref64 = out.double(), ref.double()
-    assert torch.isfinite(out64).all(), f"{name}: non-finite values at {(~torch.isfinite(out64)).nonzero()[:5].tolist()}"
+    assert torch.isfinite(out64).all(), (
+        f"{name}: non-finite values at {(~torch.isfinite(out64)).nonzero()[:5].tolist()}"
+    )
     err = (out64 - ref64).abs()
-    lp_err = 0.0 if ref_lp is None else float((ref_lp.double() - ref64).abs().max()) if ref.numel() else 0.0
+    lp_err = (
+        0.0
+        if ref_lp is None
+        else float((ref_lp.double() - ref64).abs().max())
+        if ref.numel()
+        else 0.0
+    )
     scale = float(ref64.abs().max()) if ref.numel() else 0.0
     tol = 2 * lp_err + ATOL_FLOOR[dtype] * max(1.0, scale)
     max_err = float(err.max()) if err.numel() else 0.0

@@ -39,8 +39,10 @@ __all__ = [
     "BackendUnavailableError",
     "TokenRouting",
     "available_backends",
+    "backend_module",
     "gather_tokens",
     "get_backend",
+    "get_ops",
     "grouped_lora",
     "grouped_lora_backward",
     "grouped_lora_base",
@@ -126,7 +128,12 @@ def _lora_forward(x, w, lora_a, lora_b, ranks, offsets, scale, backend):
 
 
 def lora_shrink(
-    x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, *, backend: str | None = None
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    ranks: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Shrink ``U_e = X_e A_e[:r_e]^T`` (forward only; an inference primitive).
 
@@ -137,7 +144,9 @@ def lora_shrink(
     _validate.check_tensor("x", x, ndim=2)
     _validate.check_tensor("lora_a", lora_a, ndim=3)
     if lora_a.shape[2] != x.shape[1]:
-        raise ValueError(f"lora_a must have shape [E, R, K={x.shape[1]}], got {tuple(lora_a.shape)}")
+        raise ValueError(
+            f"lora_a must have shape [E, R, K={x.shape[1]}], got {tuple(lora_a.shape)}"
+        )
     if lora_a.dtype != x.dtype:
         raise TypeError(f"x and lora_a must share a dtype, got {x.dtype} and {lora_a.dtype}")
     _validate.check_same_device(x=x, lora_a=lora_a, ranks=ranks, offsets=offsets)
@@ -168,7 +177,9 @@ def lora_expand(
     _validate.check_tensor("u", u, ndim=2, dtypes=(torch.float32, torch.float64))
     _validate.check_tensor("lora_b", lora_b, ndim=3)
     if lora_b.shape[2] != u.shape[1]:
-        raise ValueError(f"lora_b must have shape [E, N, R={u.shape[1]}] to match u [T, R], got {tuple(lora_b.shape)}")
+        raise ValueError(
+            f"lora_b must have shape [E, N, R={u.shape[1]}] to match u [T, R], got {tuple(lora_b.shape)}"
+        )
     _validate.check_same_device(u=u, lora_b=lora_b, ranks=ranks, offsets=offsets)
     _validate.check_ranks(ranks, lora_b.shape[0], lora_b.shape[2])
     _validate.check_offsets(offsets, lora_b.shape[0], u.shape[0])
@@ -199,10 +210,17 @@ def grouped_lora_backward(
     _validate.check_lora_inputs(x, lora_a, lora_b, ranks, offsets, w=w)
     _validate.check_tensor("grad_y", grad_y, ndim=2)
     if grad_y.shape != (x.shape[0], lora_b.shape[1]):
-        raise ValueError(f"grad_y must have shape [{x.shape[0]}, {lora_b.shape[1]}], got {tuple(grad_y.shape)}")
+        raise ValueError(
+            f"grad_y must have shape [{x.shape[0]}, {lora_b.shape[1]}], got {tuple(grad_y.shape)}"
+        )
     scale_t = _validate.as_scale(scale, lora_a.shape[0], x.device)
     ops = get_ops(resolve_backend(backend, x.device))
-    args = (x.contiguous(), None if w is None else w.contiguous(), lora_a.contiguous(), lora_b.contiguous())
+    args = (
+        x.contiguous(),
+        None if w is None else w.contiguous(),
+        lora_a.contiguous(),
+        lora_b.contiguous(),
+    )
     _, u = ops["forward"](*args, ranks, offsets, scale_t)
     dx, dw, da, db, imp_a, imp_b = ops["backward"](
         grad_y.contiguous(), args[0], args[1], args[2], args[3], u, ranks, offsets, scale_t,
@@ -217,7 +235,11 @@ def grouped_lora_backward(
 
 
 def slot_importance(
-    lora_a: torch.Tensor, grad_a: torch.Tensor, lora_b: torch.Tensor, grad_b: torch.Tensor, ranks: torch.Tensor
+    lora_a: torch.Tensor,
+    grad_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    grad_b: torch.Tensor,
+    ranks: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot importance sums from accumulated gradients: ``(sum_k |A*dA|, sum_n |B*dB|)``, fp32 `[E, R]`."""
     from .reference import slot_importance as _ref

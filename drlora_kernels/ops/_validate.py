@@ -20,7 +20,9 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_tensor(name: str, t: object, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+def check_tensor(
+    name: str, t: object, ndim: int | None = None, dtypes=FLOAT_DTYPES
+) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -36,13 +38,17 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     ref_name, ref = items[0]
     for name, t in items[1:]:
         if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share a device")
+            raise ValueError(
+                f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share a device"
+            )
 
 
 def check_ranks(ranks: torch.Tensor, num_experts: int, r_max: int) -> None:
     check_tensor("ranks", ranks, ndim=1, dtypes=INDEX_DTYPES)
     if ranks.shape[0] != num_experts:
-        raise ValueError(f"ranks must have shape [{num_experts}] (one per expert), got {tuple(ranks.shape)}")
+        raise ValueError(
+            f"ranks must have shape [{num_experts}] (one per expert), got {tuple(ranks.shape)}"
+        )
     if _tracing() or ranks.numel() == 0:
         return
     lo, hi = int(ranks.min()), int(ranks.max())
@@ -65,10 +71,14 @@ def check_offsets(offsets: torch.Tensor, num_experts: int, num_tokens: int) -> N
     if off[0] != 0:
         raise ValueError(f"offsets[0] must be 0, got {off[0]}")
     if off[-1] != num_tokens:
-        raise ValueError(f"offsets[-1] must equal the number of token rows of x ({num_tokens}), got {off[-1]}")
+        raise ValueError(
+            f"offsets[-1] must equal the number of token rows of x ({num_tokens}), got {off[-1]}"
+        )
     for e in range(num_experts):
         if off[e + 1] < off[e]:
-            raise ValueError(f"offsets must be non-decreasing: offsets[{e}] = {off[e]} > offsets[{e + 1}] = {off[e + 1]}")
+            raise ValueError(
+                f"offsets must be non-decreasing: offsets[{e}] = {off[e]} > offsets[{e + 1}] = {off[e + 1]}"
+            )
 
 
 def as_scale(scale: float | torch.Tensor, num_experts: int, device: torch.device) -> torch.Tensor:
@@ -79,7 +89,9 @@ def as_scale(scale: float | torch.Tensor, num_experts: int, device: torch.device
     if scale.dim() == 0:
         return scale.to(device=device, dtype=torch.float32).expand(num_experts).contiguous()
     if scale.shape != (num_experts,):
-        raise ValueError(f"scale must be a float or have shape [{num_experts}], got {tuple(scale.shape)}")
+        raise ValueError(
+            f"scale must be a float or have shape [{num_experts}], got {tuple(scale.shape)}"
+        )
     if scale.device != device:
         raise ValueError(f"scale is on {scale.device} but x is on {device}")
     return scale.to(torch.float32).contiguous()
@@ -101,7 +113,9 @@ def check_lora_inputs(
     E, R, Ka = lora_a.shape
     Eb, N, Rb = lora_b.shape
     if Ka != K:
-        raise ValueError(f"lora_a must have shape [E, R, K={K}] to match x [T, K], got {tuple(lora_a.shape)}")
+        raise ValueError(
+            f"lora_a must have shape [E, R, K={K}] to match x [T, K], got {tuple(lora_a.shape)}"
+        )
     if Eb != E or Rb != R:
         raise ValueError(
             f"lora_b must have shape [E={E}, N, R={R}] to match lora_a [E, R, K], got {tuple(lora_b.shape)}"
@@ -113,7 +127,9 @@ def check_lora_inputs(
     if w is not None:
         check_tensor("w", w, ndim=3)
         if tuple(w.shape) != (E, N, K):
-            raise ValueError(f"w must have shape [E={E}, N={N}, K={K}] (transformers' [E, out, in]), got {tuple(w.shape)}")
+            raise ValueError(
+                f"w must have shape [E={E}, N={N}, K={K}] (transformers' [E, out, in]), got {tuple(w.shape)}"
+            )
         if w.dtype != x.dtype:
             raise TypeError(f"w has dtype {w.dtype} but x has {x.dtype}; they must match")
     check_same_device(x=x, lora_a=lora_a, lora_b=lora_b, ranks=ranks, offsets=offsets, w=w)

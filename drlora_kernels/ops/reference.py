@@ -45,7 +45,12 @@ def _cast(t: torch.Tensor, upcast: bool, dtype: torch.dtype) -> torch.Tensor:
 
 
 def shrink(
-    x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, *, upcast: bool = True
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    ranks: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """``u[rows_e, :r_e] = x[rows_e] @ lora_a[e, :r_e].T``; other columns zero. Returns ``[T, R]``."""
     acc = acc_dtype(x.dtype)
@@ -74,7 +79,9 @@ def expand(
     for e, r, lo, hi in _groups(ranks, offsets):
         if r == 0 or hi == lo:
             continue
-        y[lo:hi] = (_cast(u[lo:hi, :r], upcast, acc) @ _cast(lora_b[e, :, :r], upcast, acc).T) * scale[e].to(y.dtype)
+        y[lo:hi] = (
+            _cast(u[lo:hi, :r], upcast, acc) @ _cast(lora_b[e, :, :r], upcast, acc).T
+        ) * scale[e].to(y.dtype)
     return y.to(lora_b.dtype)
 
 
@@ -101,7 +108,9 @@ def forward(
         if w is not None:
             y[lo:hi] = xe @ _cast(w[e], upcast, acc).T
         if r > 0:
-            y[lo:hi] += (u[lo:hi, :r].to(y.dtype) @ _cast(lora_b[e, :, :r], upcast, acc).T) * scale[e].to(y.dtype)
+            y[lo:hi] += (u[lo:hi, :r].to(y.dtype) @ _cast(lora_b[e, :, :r], upcast, acc).T) * scale[
+                e
+            ].to(y.dtype)
     return y.to(x.dtype), u.to(acc)
 
 
@@ -137,6 +146,7 @@ def backward(
     acc = acc_dtype(x.dtype)
     E, R, K = lora_a.shape
     N = lora_b.shape[1]
+
     def empty():  # a fresh [0] tensor per unused output: custom-op outputs must not alias
         return x.new_empty(0)
 

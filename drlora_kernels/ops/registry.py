@@ -62,7 +62,9 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     out = {}
     for name in BACKENDS:
         mod = _load(name)
-        out[name] = (True, mod.is_available()[1]) if mod is not None else (False, _unavailable[name])
+        out[name] = (
+            (True, mod.is_available()[1]) if mod is not None else (False, _unavailable[name])
+        )
     return out
 
 
@@ -91,17 +93,26 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     if name != "auto":
         mod = _load(name)
         if mod is None:
-            raise BackendUnavailableError(f"backend {name!r} is not available: {_unavailable[name]}")
-        if mod.DEVICE_TYPES is not None and device.type not in mod.DEVICE_TYPES:
-            raise BackendUnavailableError(f"backend {name!r} does not run on {device.type} (runs on {mod.DEVICE_TYPES})")
+            raise BackendUnavailableError(
+                f"backend {name!r} is not available: {_unavailable[name]}"
+            )
+        if not _runs_on(mod, device):
+            raise BackendUnavailableError(
+                f"backend {name!r} does not run on {device}: {getattr(mod, 'device_reason', lambda d: '')(device) or f'runs on {mod.DEVICE_TYPES}'}"
+            )
         return name
     for cand in _AUTO_ORDER.get(device.type, ("reference",)):
         mod = _load(cand)
-        if mod is not None and (mod.DEVICE_TYPES is None or device.type in mod.DEVICE_TYPES):
-            supports = getattr(mod, "supports_device", None)
-            if supports is None or supports(device):
-                return cand
+        if mod is not None and _runs_on(mod, device):
+            return cand
     return "reference"
+
+
+def _runs_on(mod: ModuleType, device: torch.device) -> bool:
+    if mod.DEVICE_TYPES is not None and device.type not in mod.DEVICE_TYPES:
+        return False
+    supports = getattr(mod, "supports_device", None)
+    return supports is None or bool(supports(device))
 
 
 # ---------------------------------------------------------------- fake implementations
@@ -125,10 +136,27 @@ def _expand_fake(u, lora_b, ranks, offsets, scale):
 def _forward_fake(x, w, lora_a, lora_b, ranks, offsets, scale):
     # (y [T, N] in x's dtype, u [T, R] in the accumulation dtype)
     torch._check(lora_a.shape[2] == x.shape[1])
-    return x.new_empty((x.shape[0], lora_b.shape[1])), x.new_empty((x.shape[0], lora_a.shape[1]), dtype=_acc(x.dtype))
+    return x.new_empty((x.shape[0], lora_b.shape[1])), x.new_empty(
+        (x.shape[0], lora_a.shape[1]), dtype=_acc(x.dtype)
+    )
 
 
-def _backward_fake(grad_y, x, w, lora_a, lora_b, u, ranks, offsets, scale, need_x, need_w, need_a, need_b, with_importance):
+def _backward_fake(
+    grad_y,
+    x,
+    w,
+    lora_a,
+    lora_b,
+    u,
+    ranks,
+    offsets,
+    scale,
+    need_x,
+    need_w,
+    need_a,
+    need_b,
+    with_importance,
+):
     # gradients that were not asked for are empty [0] tensors; importance is fp32 [E, R]
     E, R = lora_a.shape[0], lora_a.shape[1]
     dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
@@ -150,12 +178,18 @@ def _define_ops(name: str, mod: ModuleType) -> dict[str, Callable]:
     lib = f"drlora::{{}}_{name}"
 
     @torch.library.custom_op(lib.format("shrink"), mutates_args=(), device_types=dt)
-    def shrink_op(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def shrink_op(
+        x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
         return mod.shrink(x, lora_a, ranks, offsets)
 
     @torch.library.custom_op(lib.format("expand"), mutates_args=(), device_types=dt)
     def expand_op(
-        u: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, scale: torch.Tensor
+        u: torch.Tensor,
+        lora_b: torch.Tensor,
+        ranks: torch.Tensor,
+        offsets: torch.Tensor,
+        scale: torch.Tensor,
     ) -> torch.Tensor:
         return mod.expand(u, lora_b, ranks, offsets, scale)
 
@@ -189,7 +223,20 @@ def _define_ops(name: str, mod: ModuleType) -> dict[str, Callable]:
         with_importance: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return mod.backward(
-            grad_y, x, w, lora_a, lora_b, u, ranks, offsets, scale, need_x, need_w, need_a, need_b, with_importance
+            grad_y,
+            x,
+            w,
+            lora_a,
+            lora_b,
+            u,
+            ranks,
+            offsets,
+            scale,
+            need_x,
+            need_w,
+            need_a,
+            need_b,
+            with_importance,
         )
 
     shrink_op.register_fake(_shrink_fake)
@@ -229,7 +276,9 @@ def get_ops(name: str) -> dict[str, Callable]:
     if name not in _ops:
         mod = _load(name)
         if mod is None:
-            raise BackendUnavailableError(f"backend {name!r} is not available: {_unavailable[name]}")
+            raise BackendUnavailableError(
+                f"backend {name!r} is not available: {_unavailable[name]}"
+            )
         _ops[name] = _define_ops(name, mod)
     return _ops[name]
 

@@ -37,7 +37,9 @@ class TokenRouting:
         return self.offsets[1:] - self.offsets[:-1]
 
 
-def route_tokens(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> TokenRouting:
+def route_tokens(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
+) -> TokenRouting:
     """Sort ``(token, slot)`` pairs by expert (stable: ties keep token order).
 
     Args:
@@ -59,7 +61,9 @@ def route_tokens(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_exp
     if not torch.compiler.is_compiling() and top_k_index.numel() > 0:
         lo, hi = int(top_k_index.min()), int(top_k_index.max())
         if lo < 0 or hi >= num_experts:
-            raise ValueError(f"top_k_index holds expert ids in [{lo}, {hi}], expected [0, {num_experts})")
+            raise ValueError(
+                f"top_k_index holds expert ids in [{lo}, {hi}], expected [0, {num_experts})"
+            )
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1).to(torch.int64)
     perm = torch.argsort(flat, stable=True)
@@ -81,7 +85,9 @@ def gather_tokens(hidden: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
     return hidden.index_select(0, routing.token_index)
 
 
-def scatter_tokens(y_sorted: torch.Tensor, routing: TokenRouting, *, weighted: bool = True) -> torch.Tensor:
+def scatter_tokens(
+    y_sorted: torch.Tensor, routing: TokenRouting, *, weighted: bool = True
+) -> torch.Tensor:
     """`[T*k, N]` expert-sorted rows -> `[T, N]`, summing each token's ``k`` rows (times its weights)."""
     if weighted:
         y_sorted = y_sorted * routing.weights.to(y_sorted.dtype)[:, None]
