@@ -1,0 +1,247 @@
+"""The growth schedule of DR-LoRA (SPEC.md, "Growth schedule", Eq. 11-12).
+
+A :class:`GrowthSchedule` knows *when* ranks grow (the event steps), *how much*
+each layer may grow per event (the quota ``Q``) and per module (the ``cap``),
+and turns one event's saliency scores into integer rank grants. It holds no
+state and touches no model: ``allocate`` is a pure function of its inputs, so
+every process that sees the same saliencies makes the same decision.
+
+Arithmetic (``M`` modules per layer)::
+
+    t_end    = total_steps - buffer_steps
+    T_events = floor((t_end - warmup_steps) / grow_every)
+    events   = warmup_steps + k * grow_every,  k = 0 .. T_events - 1
+    Q        = ceil(M * (r_target - r_init) / T_events)
+    cap      = floor((r_max - r_init) * p_grow)
+
+At the last event both the cap and the quota are lifted (SPEC step 5: every
+layer must end with exactly ``M * r_target`` active ranks; lifting only the cap
+would leave a shortfall whenever earlier events were cap-limited, e.g. when
+``M * cap < Q``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import ALLOCATIONS, RESETS
+
+if TYPE_CHECKING:
+    from .config import DRLoRAConfig
+
+WARMUP_FRACTION = 0.03  # SPEC: growth starts at 3% of the run unless warmup_steps is given
+
+
+def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+class GrowthSchedule:
+    """When and by how much module ranks grow under the fixed budget.
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        num_modules: ``M``, modules (expert x adapted projection) per layer.
+        r_init: starting rank of every module.
+        r_target: mean rank per module at the end (the budget ``M * r_target`` per layer).
+        r_max: hard cap on a module's rank (pool size).
+        warmup_steps: first event; ``None`` means ``round(0.03 * total_steps)``.
+        grow_every: steps between events (``T_grow``).
+        buffer_steps: no event in the last ``buffer_steps`` steps (``T_buffer``).
+        p_grow: max fraction of the initial free capacity one module may take per event.
+        allocation: ``"per_layer"`` (each layer has its own budget) or ``"global"``
+            (one pool over all ``L * M`` modules, budget ``L * M * r_target``, quota ``L * Q``).
+        reset: ``"grown"`` or ``"all"``; recorded here for the controller (the schedule itself
+            does not touch statistics).
+
+    Raises:
+        ValueError: ``r_init > r_target``, ``r_target > r_max``, a non-positive size, an unknown
+            ``allocation``/``reset``, or (when ranks must grow) no event fits before
+            ``total_steps - buffer_steps``.
+
+    The uniform baseline (``r_init == r_target``) has no events and never raises for lack of them.
+
+    Example:
+        >>> s = GrowthSchedule(37_997, 128, 32, 64, 128)
+        >>> len(s.events), s.quota, s.cap
+        (183, 23, 9)
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        num_modules: int,
+        r_init: int,
+        r_target: int,
+        r_max: int,
+        *,
+        warmup_steps: int | None = None,
+        grow_every: int = 200,
+        buffer_steps: int = 200,
+        p_grow: float = 0.1,
+        allocation: str = "per_layer",
+        reset: str = "grown",
+    ) -> None:
+        self.total_steps = _positive_int("total_steps", total_steps)
+        self.num_modules = _positive_int("num_modules", num_modules)
+        self.r_init = _positive_int("r_init", r_init, allow_zero=True)
+        self.r_target = _positive_int("r_target", r_target)
+        self.r_max = _positive_int("r_max", r_max)
+        self.grow_every = _positive_int("grow_every", grow_every)
+        self.buffer_steps = _positive_int("buffer_steps", buffer_steps, allow_zero=True)
+        if warmup_steps is None:
+            warmup_steps = round(WARMUP_FRACTION * total_steps)
+        self.warmup_steps = _positive_int("warmup_steps", warmup_steps, allow_zero=True)
+        if r_init > r_target:
+            raise ValueError(f"r_init ({r_init}) must not exceed r_target ({r_target})")
+        if r_target > r_max:
+            raise ValueError(
+                f"r_target ({r_target}) must not exceed r_max ({r_max}): M * r_target is not reachable"
+            )
+        if not 0.0 < float(p_grow) <= 1.0:
+            raise ValueError(f"p_grow must be in (0, 1], got {p_grow}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
+        self.p_grow = float(p_grow)
+        self.allocation = allocation
+        self.reset = reset
+        self.t_end = total_steps - buffer_steps
+        self.cap = math.floor((r_max - r_init) * self.p_grow)
+
+        self.events: list[int] = []
+        self.quota = 0
+        self._event_index: dict[int, int] = {}
+        if r_init == r_target:  # uniform LoRA: nothing to grow, no events
+            return
+        n_events = (
+            (self.t_end - self.warmup_steps) // grow_every if self.t_end > self.warmup_steps else 0
+        )
+        if n_events <= 0:
+            raise ValueError(
+                f"no growth event fits: warmup_steps={self.warmup_steps}, grow_every={grow_every} and "
+                f"total_steps - buffer_steps = {self.t_end} leave no step for growth "
+                f"(need total_steps >= warmup_steps + grow_every + buffer_steps)"
+            )
+        self.events = [self.warmup_steps + k * grow_every for k in range(n_events)]
+        self.quota = math.ceil(num_modules * (r_target - r_init) / n_events)
+        if self.cap == 0 and n_events > 1:
+            warnings.warn(
+                f"cap = floor((r_max - r_init) * p_grow) = 0 (r_max={r_max}, r_init={r_init}, "
+                f"p_grow={p_grow}): no module grows before the last event, which then allocates "
+                "the whole budget",
+                stacklevel=2,
+            )
+        self._event_index = {s: k for k, s in enumerate(self.events)}
+
+    @classmethod
+    def from_config(cls, cfg: DRLoRAConfig, total_steps: int, num_modules: int) -> GrowthSchedule:
+        """The schedule of a :class:`~drlora_kernels.config.DRLoRAConfig`."""
+        return cls(
+            total_steps,
+            num_modules,
+            cfg.r_init,
+            cfg.r_target,
+            int(cfg.r_max),
+            warmup_steps=cfg.resolved_warmup(total_steps),
+            grow_every=cfg.grow_every,
+            buffer_steps=cfg.buffer_steps,
+            p_grow=cfg.p_grow,
+            allocation=cfg.allocation,
+            reset=cfg.reset,
+        )
+
+    @property
+    def num_events(self) -> int:
+        return len(self.events)
+
+    def event_index(self, step: int) -> int | None:
+        """Index ``k`` of the event at ``step``, or ``None`` when ``step`` is not an event."""
+        return self._event_index.get(step)
+
+    def is_last_event(self, step: int) -> bool:
+        return bool(self.events) and step == self.events[-1]
+
+    def allocate(
+        self, saliency: torch.Tensor, ranks: torch.Tensor, *, last_event: bool
+    ) -> torch.Tensor:
+        """Rank grants of one growth event (SPEC steps 1-3 and 5).
+
+        Per layer (per row; one row over all modules for ``allocation="global"``):
+        ``budget = min(Q, M * r_target - sum(r))``; walk the modules by descending
+        saliency (ties: lower module index first) and grant
+        ``n = min(cap, r_max - r, budget)`` until the budget is spent. At the last
+        event the cap and the quota are lifted, so the row ends at exactly its target.
+
+        Args:
+            saliency: `[L, M]` float, finite.
+            ranks: `[L, M]` integer, current active ranks.
+            last_event: whether this is the schedule's last event.
+
+        Returns:
+            `[L, M]` int64 grants on the CPU (>= 0, ``ranks + grants <= r_max``).
+
+        Raises:
+            ValueError: wrong shapes, non-finite saliency, a rank outside ``[0, r_max]``,
+                or a row already above its budget.
+        """
+        if saliency.dim() != 2 or saliency.shape[1] != self.num_modules:
+            raise ValueError(
+                f"saliency must have shape [L, M={self.num_modules}], got {tuple(saliency.shape)}"
+            )
+        if tuple(ranks.shape) != tuple(saliency.shape):
+            raise ValueError(
+                f"ranks must have the shape of saliency {tuple(saliency.shape)}, got {tuple(ranks.shape)}"
+            )
+        if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+            raise TypeError(f"ranks must be an integer tensor, got {ranks.dtype}")
+        sal = saliency.detach().to("cpu", torch.float64)
+        r = ranks.detach().to("cpu", torch.int64)
+        if not torch.isfinite(sal).all():
+            raise ValueError("saliency must be finite (got NaN or inf)")
+        if (r < 0).any() or (r > self.r_max).any():
+            raise ValueError(
+                f"ranks must lie in [0, r_max={self.r_max}], got min {int(r.min())}, max {int(r.max())}"
+            )
+        L, M = sal.shape
+        if self.allocation == "global":
+            sal, r = sal.reshape(1, L * M), r.reshape(1, L * M)
+            target, quota = L * M * self.r_target, L * self.quota
+        else:
+            target, quota = M * self.r_target, self.quota
+        remaining = target - r.sum(dim=1)  # [rows]
+        if (remaining < 0).any():
+            raise ValueError(
+                f"active ranks already exceed the budget {target} per {'model' if self.allocation == 'global' else 'layer'}: "
+                f"sums {r.sum(dim=1).tolist()}"
+            )
+        room = self.r_max - r
+        if last_event:
+            budget, per_module = remaining, room
+        else:
+            budget, per_module = remaining.clamp(max=quota), room.clamp(max=self.cap)
+        # Greedy walk, vectorised: module i (in saliency order) takes min(capacity_i, budget
+        # left after the modules before it). A stable sort on -saliency breaks ties by index.
+        order = torch.sort(-sal, dim=1, stable=True).indices
+        cap_sorted = per_module.gather(1, order)
+        before = cap_sorted.cumsum(dim=1) - cap_sorted
+        grant_sorted = torch.minimum(cap_sorted, (budget[:, None] - before).clamp(min=0))
+        grants = torch.zeros_like(r).scatter_(1, order, grant_sorted)
+        return grants.reshape(L, M)
+
+    def __repr__(self) -> str:
+        return (
+            f"GrowthSchedule(total_steps={self.total_steps}, M={self.num_modules}, "
+            f"r {self.r_init}->{self.r_target} (max {self.r_max}), events={self.num_events} "
+            f"[{self.events[0] if self.events else '-'}..{self.events[-1] if self.events else '-'}], "
+            f"Q={self.quota}, cap={self.cap}, allocation={self.allocation!r})"
+        )
