@@ -1,10 +1,180 @@
-// The only file with PYBIND11_MODULE. Kernels are added by the native backend
-// (csrc/cpu, csrc/cuda); this file exposes them and the build description.
+// The only file with PYBIND11_MODULE: checks every argument, then dispatches to
+// the CPU kernels (csrc/cpu) or, for CUDA tensors, the CUDA kernels (csrc/cuda).
+// The Python layer validates too; these checks make the extension safe to call
+// directly (a bad argument is a ValueError/TypeError naming it, never a crash).
 #include <torch/extension.h>
 
+#include <optional>
+#include <string>
+
+#include "checks.h"
 #include "drlora_build_config.h"
+#include "grouped_lora.h"
 
 namespace drlora {
+namespace {
+
+#define DRLORA_FLOAT_DTYPES at::kFloat, at::kBFloat16, at::kHalf, at::kDouble
+#define DRLORA_INDEX_DTYPES at::kInt, at::kLong
+
+struct Sizes {
+  int64_t T, K, N, E, R;
+};
+
+// ranks [E], offsets [E+1], scale [E] (optional): dtype, shape, device, values.
+void check_groups(const at::Tensor& ranks, const at::Tensor& offsets, const at::Tensor* scale,
+                  const at::Tensor& ref, int64_t E, int64_t R, int64_t T) {
+  DRLORA_CHECK_DTYPE(ranks, DRLORA_INDEX_DTYPES);
+  DRLORA_CHECK_DTYPE(offsets, DRLORA_INDEX_DTYPES);
+  DRLORA_CHECK_SHAPE(ranks, "[E]", E);
+  DRLORA_CHECK_SHAPE(offsets, "[E+1]", E + 1);
+  DRLORA_CHECK_DEVICE(ranks, ref);
+  DRLORA_CHECK_DEVICE(offsets, ref);
+  if (scale != nullptr) {
+    const at::Tensor& s = *scale;
+    DRLORA_CHECK_DTYPE(s, at::kFloat);
+    DRLORA_CHECK_SHAPE(s, "[E]", E);
+    DRLORA_CHECK_DEVICE(s, ref);
+    DRLORA_CHECK_CONTIGUOUS(s);
+  }
+  DRLORA_CHECK_RANKS(ranks, R);
+  DRLORA_CHECK_OFFSETS(offsets, T);
+}
+
+void check_device_supported(const at::Tensor& x, const char* name = "x") {
+  const bool cpu = x.device().is_cpu();
+#ifdef DRLORA_WITH_CUDA
+  const bool ok = cpu || x.is_cuda();
+  const char* built = "cpu and cuda";
+#else
+  const bool ok = cpu;
+  const char* built = "cpu only (built without CUDA)";
+#endif
+  DRLORA_CHECK(ok, name, " is on ", x.device(), ", the native extension supports ", built);
+#ifdef DRLORA_WITH_CUDA
+  if (x.is_cuda()) {
+    DRLORA_CHECK(x.scalar_type() != at::kDouble, name,
+                 " has dtype float64: the native CUDA kernels support float32, bfloat16, float16");
+  }
+#endif
+}
+
+// x [T, K], lora_a [E, R, K], lora_b [E, N, R], w [E, N, K] (optional): same dtype and device.
+Sizes check_problem(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                    const std::optional<at::Tensor>& w) {
+  DRLORA_CHECK_DIM(x, 2);
+  DRLORA_CHECK_DIM(lora_a, 3);
+  DRLORA_CHECK_DIM(lora_b, 3);
+  DRLORA_CHECK_DTYPE(x, DRLORA_FLOAT_DTYPES);
+  const Sizes s{x.size(0), x.size(1), lora_b.size(1), lora_a.size(0), lora_a.size(1)};
+  DRLORA_CHECK_SHAPE(lora_a, "[E, R, K]", s.E, s.R, s.K);
+  DRLORA_CHECK_SHAPE(lora_b, "[E, N, R]", s.E, s.N, s.R);
+  DRLORA_CHECK_SAME_DTYPE(lora_a, x);
+  DRLORA_CHECK_SAME_DTYPE(lora_b, x);
+  DRLORA_CHECK_DEVICE(lora_a, x);
+  DRLORA_CHECK_DEVICE(lora_b, x);
+  DRLORA_CHECK_CONTIGUOUS(x);
+  DRLORA_CHECK_CONTIGUOUS(lora_a);
+  DRLORA_CHECK_CONTIGUOUS(lora_b);
+  if (w.has_value()) {
+    const at::Tensor& wt = *w;
+    DRLORA_CHECK_SHAPE(wt, "[E, N, K]", s.E, s.N, s.K);
+    DRLORA_CHECK_SAME_DTYPE(wt, x);
+    DRLORA_CHECK_DEVICE(wt, x);
+    DRLORA_CHECK_CONTIGUOUS(wt);
+  }
+  check_device_supported(x);
+  return s;
+}
+
+// u [T, R] in the accumulation dtype of `ref` (fp64 for fp64, else fp32).
+void check_u(const at::Tensor& u, const at::Tensor& ref, const char* ref_name, int64_t T,
+             int64_t R) {
+  DRLORA_CHECK_SHAPE(u, "[T, R]", T, R);
+  const auto acc = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (u.scalar_type() != acc) {
+    throw pybind11::type_error(c10::str("u has dtype ", u.scalar_type(), ", expected ", acc,
+                                        " (the accumulation dtype of ", ref_name, "'s ",
+                                        ref.scalar_type(), ")"));
+  }
+  checks::check_same_device(u, "u", ref, ref_name);
+  DRLORA_CHECK_CONTIGUOUS(u);
+}
+
+at::Tensor shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& ranks,
+                  const at::Tensor& offsets) {
+  DRLORA_CHECK_DIM(x, 2);
+  DRLORA_CHECK_DIM(lora_a, 3);
+  DRLORA_CHECK_DTYPE(x, DRLORA_FLOAT_DTYPES);
+  const int64_t E = lora_a.size(0), R = lora_a.size(1), K = x.size(1), T = x.size(0);
+  DRLORA_CHECK_SHAPE(lora_a, "[E, R, K]", E, R, K);
+  DRLORA_CHECK_SAME_DTYPE(lora_a, x);
+  DRLORA_CHECK_DEVICE(lora_a, x);
+  DRLORA_CHECK_CONTIGUOUS(x);
+  DRLORA_CHECK_CONTIGUOUS(lora_a);
+  check_device_supported(x);
+  check_groups(ranks, offsets, nullptr, x, E, R, T);
+  pybind11::gil_scoped_release nogil;
+#ifdef DRLORA_WITH_CUDA
+  if (x.is_cuda()) return cuda::shrink(x, lora_a, ranks, offsets);
+#endif
+  return cpu::shrink(x, lora_a, ranks, offsets);
+}
+
+at::Tensor expand(const at::Tensor& u, const at::Tensor& lora_b, const at::Tensor& ranks,
+                  const at::Tensor& offsets, const at::Tensor& scale) {
+  DRLORA_CHECK_DIM(u, 2);
+  DRLORA_CHECK_DIM(lora_b, 3);
+  DRLORA_CHECK_DTYPE(lora_b, DRLORA_FLOAT_DTYPES);
+  const int64_t T = u.size(0), R = u.size(1), E = lora_b.size(0), N = lora_b.size(1);
+  DRLORA_CHECK_SHAPE(lora_b, "[E, N, R]", E, N, R);
+  check_u(u, lora_b, "lora_b", T, R);
+  DRLORA_CHECK_CONTIGUOUS(lora_b);
+  check_device_supported(lora_b, "lora_b");
+  check_groups(ranks, offsets, &scale, u, E, R, T);
+  pybind11::gil_scoped_release nogil;
+#ifdef DRLORA_WITH_CUDA
+  if (u.is_cuda()) return cuda::expand(u, lora_b, ranks, offsets, scale);
+#endif
+  return cpu::expand(u, lora_b, ranks, offsets, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                                           const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                           const at::Tensor& ranks, const at::Tensor& offsets,
+                                           const at::Tensor& scale) {
+  const Sizes s = check_problem(x, lora_a, lora_b, w);
+  check_groups(ranks, offsets, &scale, x, s.E, s.R, s.T);
+  pybind11::gil_scoped_release nogil;
+#ifdef DRLORA_WITH_CUDA
+  if (x.is_cuda()) return cuda::forward(x, w, lora_a, lora_b, ranks, offsets, scale);
+#endif
+  return cpu::forward(x, w, lora_a, lora_b, ranks, offsets, scale);
+}
+
+BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
+                     const std::optional<at::Tensor>& w, const at::Tensor& lora_a,
+                     const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& ranks,
+                     const at::Tensor& offsets, const at::Tensor& scale, bool need_x, bool need_w,
+                     bool need_a, bool need_b, bool with_importance) {
+  const Sizes s = check_problem(x, lora_a, lora_b, w);
+  DRLORA_CHECK_SHAPE(grad_y, "[T, N]", s.T, s.N);
+  DRLORA_CHECK_SAME_DTYPE(grad_y, x);
+  DRLORA_CHECK_DEVICE(grad_y, x);
+  DRLORA_CHECK_CONTIGUOUS(grad_y);
+  check_u(u, x, "x", s.T, s.R);
+  check_groups(ranks, offsets, &scale, x, s.E, s.R, s.T);
+  DRLORA_CHECK(!need_w || w.has_value(), "need_w is true but w is None");
+  pybind11::gil_scoped_release nogil;
+#ifdef DRLORA_WITH_CUDA
+  if (x.is_cuda()) {
+    return cuda::backward(grad_y, x, w, lora_a, lora_b, u, ranks, offsets, scale, need_x, need_w,
+                          need_a, need_b, with_importance);
+  }
+#endif
+  return cpu::backward(grad_y, x, w, lora_a, lora_b, u, ranks, offsets, scale, need_x, need_w,
+                       need_a, need_b, with_importance);
+}
 
 pybind11::dict build_info() {
   pybind11::dict d;
@@ -16,12 +186,33 @@ pybind11::dict build_info() {
   d["cuda_archs"] = DRLORA_CUDA_ARCHS;
   d["cxx_compiler"] = DRLORA_CXX_COMPILER;
   d["cuda_compiler"] = DRLORA_CUDA_COMPILER;
+  d["cpu_kernels"] = true;
+  d["cpu_dtypes"] = "float32, bfloat16, float16 (fp32 accumulation), float64";
+#ifdef DRLORA_WITH_CUDA
+  d["cuda_dtypes"] = "float32, bfloat16, float16 (fp32 accumulation)";
+#endif
   return d;
 }
 
+}  // namespace
 }  // namespace drlora
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "drlora_kernels native extension";
+  namespace py = pybind11;
+  m.doc() = "drlora_kernels native extension: grouped variable-rank LoRA kernels (CPU, CUDA)";
   m.def("build_info", &drlora::build_info, "what this extension was compiled with");
+  m.def("shrink", &drlora::shrink, "u[rows_e, :r_e] = x[rows_e] @ lora_a[e, :r_e].T -> [T, R]",
+        py::arg("x"), py::arg("lora_a"), py::arg("ranks"), py::arg("offsets"));
+  m.def("expand", &drlora::expand,
+        "y[rows_e] = scale[e] * u[rows_e, :r_e] @ lora_b[e, :, :r_e].T -> [T, N]", py::arg("u"),
+        py::arg("lora_b"), py::arg("ranks"), py::arg("offsets"), py::arg("scale"));
+  m.def("forward", &drlora::forward,
+        "(y, u): y = x @ w[e].T (if w) + scale[e] * (x @ lora_a[e,:r].T) @ lora_b[e,:,:r].T",
+        py::arg("x"), py::arg("w"), py::arg("lora_a"), py::arg("lora_b"), py::arg("ranks"),
+        py::arg("offsets"), py::arg("scale"));
+  m.def("backward", &drlora::backward,
+        "(dx, dw, da, db, imp_a, imp_b); unrequested outputs are empty [0] tensors",
+        py::arg("grad_y"), py::arg("x"), py::arg("w"), py::arg("lora_a"), py::arg("lora_b"),
+        py::arg("u"), py::arg("ranks"), py::arg("offsets"), py::arg("scale"), py::arg("need_x"),
+        py::arg("need_w"), py::arg("need_a"), py::arg("need_b"), py::arg("with_importance"));
 }
