@@ -1,0 +1,388 @@
+"""The DR-LoRA controller: statistics, growth events, router freeze, checkpointing.
+
+One :class:`DRLoRAController` drives all rank pools of a model. Per optimizer step::
+
+    for micro_batch in step_batches:           # the experts' forward calls
+        loss = model(micro_batch)              #   controller.record_routing(layer, idx, w)
+        loss.backward()
+    controller.update_statistics()             # f and g EMAs (all-reduced under DDP)
+    controller.step(optimizer)                 # grows pools at an event, fixes optimizer state
+    optimizer.step(); optimizer.zero_grad()
+
+``pools[l]`` lists the adapted projections of MoE layer ``l`` (e.g. ``[gate_up, down]``);
+module ``m = pool_index * E + expert`` (both modules of an expert share its routing
+frequency). The uniform LoRA baseline is the same controller with ``r_init == r_target``:
+no event, nothing ever grows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from .config import DRLoRAConfig
+from .optim import SlotSpec, pool_slot_specs, reset_optimizer_state_for_slots
+from .pool import RankPool
+from .saliency import FusedImportance, SaliencyTracker, fused_scores, slot_scores
+from .scheduler import GrowthSchedule
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class GrowthEvent:
+    """One module's growth at one event."""
+
+    step: int
+    layer: int
+    module: int
+    expert: int
+    pool: int
+    old_rank: int
+    new_rank: int
+    saliency: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def growth_seed(seed: int, layer: int, module: int, event: int) -> int:
+    """The seed of one module's new ``A`` rows: a hash of ``(seed, layer, module, event)``.
+
+    Stable across processes, platforms and Python runs (unlike ``hash()``), and it does not
+    depend on which other modules grew, so every process draws the same values.
+    """
+    digest = hashlib.blake2b(struct.pack("<4q", seed, layer, module, event), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class DRLoRAController:
+    """Routing frequency, rank importance and growth for the rank pools of one model.
+
+    Args:
+        pools: ``pools[l][p]`` is the :class:`~drlora_kernels.pool.RankPool` of adapted
+            projection ``p`` of MoE layer ``l``. All pools share ``E`` experts, ``r_max``
+            (``config.r_max``) and a device; every layer has the same number of pools.
+        config: the hyperparameters (:class:`~drlora_kernels.config.DRLoRAConfig`).
+        total_steps: optimizer steps of the whole run (sets the schedule).
+        router_parameters: the routers' parameters, frozen before ``warmup_steps`` when
+            ``config.freeze_router_during_warmup`` (see :meth:`apply_router_freeze`).
+        process_group: group for the statistics all-reduce and the decision check
+            (default: the world, when ``torch.distributed`` is initialised).
+
+    Raises:
+        ValueError: empty or inconsistent pools, or a schedule that cannot be met.
+    """
+
+    def __init__(
+        self,
+        pools: Sequence[Sequence[RankPool]],
+        config: DRLoRAConfig,
+        total_steps: int,
+        *,
+        router_parameters: Iterable[torch.nn.Parameter] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if not isinstance(config, DRLoRAConfig):
+            raise TypeError(f"config must be a DRLoRAConfig, got {type(config).__name__}")
+        self.pools = [list(layer) for layer in pools]
+        self._check_pools(self.pools, config)
+        first = self.pools[0][0]
+        self.config = config
+        self.num_layers, self.num_pools = len(self.pools), len(self.pools[0])
+        self.num_experts = first.num_experts
+        self.num_modules = self.num_pools * self.num_experts
+        self.schedule = GrowthSchedule.from_config(config, total_steps, self.num_modules)
+        self.tracker = SaliencyTracker(
+            self.num_layers,
+            self.num_pools,
+            self.num_experts,
+            first.r_max,
+            beta=config.beta,
+            gamma=config.gamma,
+            use_frequency=config.use_frequency,
+            use_importance=config.use_importance,
+            device=first.ranks.device,
+        )
+        self.router_parameters = list(router_parameters) if router_parameters is not None else []
+        self.process_group = process_group
+        self.global_step = 0
+        self.event_log: list[GrowthEvent] = []
+        self.apply_router_freeze()
+
+    @staticmethod
+    def _check_pools(pools: list[list[RankPool]], config: DRLoRAConfig) -> None:
+        if not pools or not pools[0]:
+            raise ValueError("pools must hold at least one layer with at least one RankPool")
+        P = len(pools[0])
+        ref = pools[0][0]
+        for l, layer in enumerate(pools):
+            if len(layer) != P:
+                raise ValueError(
+                    f"every layer must have {P} pools (as layer 0), layer {l} has {len(layer)}"
+                )
+            for p, pool in enumerate(layer):
+                where = f"pools[{l}][{p}]"
+                if not isinstance(pool, RankPool):
+                    raise TypeError(f"{where} must be a RankPool, got {type(pool).__name__}")
+                if pool.num_experts != ref.num_experts:
+                    raise ValueError(
+                        f"{where} has {pool.num_experts} experts, pools[0][0] has {ref.num_experts}"
+                    )
+                if pool.r_max != config.r_max:
+                    raise ValueError(
+                        f"{where} has r_max={pool.r_max}, config.r_max is {config.r_max}"
+                    )
+                if pool.ranks.device != ref.ranks.device:
+                    raise ValueError(
+                        f"{where} is on {pool.ranks.device}, pools[0][0] on {ref.ranks.device}"
+                    )
+
+    # --------------------------------------------------------------------- properties
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.schedule.warmup_steps
+
+    @property
+    def router_frozen(self) -> bool:
+        """True before ``warmup_steps`` when ``config.freeze_router_during_warmup``."""
+        return self.config.freeze_router_during_warmup and self.global_step < self.warmup_steps
+
+    def apply_router_freeze(self) -> None:
+        """Set ``requires_grad`` of the router parameters to ``not router_frozen``.
+
+        Called at construction, after every :meth:`step` and on :meth:`load_state_dict`.
+        (Wrap the model in DDP only after warmup or with ``find_unused_parameters`` if the
+        router's ``requires_grad`` changes during the run.)
+        """
+        trainable = not self.router_frozen
+        for p in self.router_parameters:
+            if p.requires_grad != trainable:
+                p.requires_grad_(trainable)
+
+    def ranks(self) -> torch.Tensor:
+        """Current active ranks, `[L, P, E]` int32 on the pools' device."""
+        return torch.stack([torch.stack([pool.ranks for pool in layer]) for layer in self.pools])
+
+    def slot_specs(self) -> dict[torch.Tensor, SlotSpec]:
+        """``slots=`` for :class:`~drlora_kernels.optim.RankAwareAdamW` over all pools."""
+        return pool_slot_specs(self.pools)
+
+    # --------------------------------------------------------------------- statistics
+    def record_routing(
+        self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> None:
+        """Record the routing of one forward of MoE layer ``layer`` (see :meth:`SaliencyTracker.record_routing`)."""
+        self.tracker.record_routing(layer, top_k_index, top_k_weights)
+
+    def update_statistics(self, fused_importance: FusedImportance | None = None) -> None:
+        """Update ``f`` and the per-slot ``g`` with this optimizer step's routing and gradients.
+
+        Call once per optimizer step, after ALL backward passes of the step (gradients
+        complete, unscaled if AMP's GradScaler is used) and before ``optimizer.step()``.
+
+        Args:
+            fused_importance: per-slot sums from a fused backward instead of ``.grad``
+                (see :func:`drlora_kernels.saliency.fused_scores` for the accepted forms).
+        """
+        scores = None
+        if self.config.use_importance:
+            shape = self.tracker.shape
+            if fused_importance is not None:
+                scores = fused_scores(fused_importance, shape, self.tracker.device)
+            else:
+                scores = torch.stack(
+                    [torch.stack([slot_scores(p) for p in layer]) for layer in self.pools]
+                )
+        self.tracker.update(scores, process_group=self.process_group)
+
+    def saliency(self) -> torch.Tensor:
+        """Current saliency ``S_m`` of every module, `[L, M]`."""
+        return self.tracker.saliency(self.ranks())
+
+    # ------------------------------------------------------------------------- growth
+    def step(self, optimizer: Optimizer | None = None) -> list[GrowthEvent]:
+        """Run the growth event of the current step (if any), then advance the step counter.
+
+        Call right before ``optimizer.step()``, after :meth:`update_statistics`. At an event:
+        allocate ranks under the schedule, grow the pools in place (new ``A`` rows drawn from
+        :func:`growth_seed`, new ``B`` columns zero), reset the importance of the grown modules
+        (all modules with ``reset="all"``) and zero ``optimizer``'s state for the new slots.
+
+        Returns:
+            The :class:`GrowthEvent` of every module that grew at this step (empty otherwise).
+        """
+        k = self.schedule.event_index(self.global_step)
+        events = self._grow(k, optimizer) if k is not None else []
+        self.global_step += 1
+        self.apply_router_freeze()
+        return events
+
+    def _grow(self, k: int, optimizer: Optimizer | None) -> list[GrowthEvent]:
+        L, P, E = self.num_layers, self.num_pools, self.num_experts
+        ranks = self.ranks()
+        saliency = self.tracker.saliency(ranks).cpu()
+        last = k == self.schedule.num_events - 1
+        grants = self.schedule.allocate(saliency, ranks.reshape(L, P * E), last_event=last).view(
+            L, P, E
+        )
+        events: list[GrowthEvent] = []
+        for l, layer in enumerate(self.pools):
+            for p, pool in enumerate(layer):
+                ids = grants[l, p].nonzero().flatten().tolist()
+                if not ids:
+                    continue
+                seeds = [growth_seed(self.config.seed, l, p * E + e, k) for e in ids]
+                changes = pool.grow(ids, grants[l, p, ids], seeds=seeds)
+                if optimizer is not None:
+                    reset_optimizer_state_for_slots(optimizer, pool, changes)
+                events.extend(
+                    GrowthEvent(
+                        self.global_step,
+                        l,
+                        p * E + e,
+                        e,
+                        p,
+                        old,
+                        new,
+                        float(saliency[l, p * E + e]),
+                    )
+                    for e, old, new in changes
+                )
+        reset = (
+            grants > 0 if self.config.reset == "grown" else torch.ones(L, P, E, dtype=torch.bool)
+        )
+        self.tracker.reset_importance(reset)
+        self.event_log.extend(events)
+        if dist.is_available() and dist.is_initialized():
+            self.check_consistency()
+        return events
+
+    # -------------------------------------------------------------------- reporting
+    def rank_summary(self) -> dict[str, Any]:
+        """Per-layer mean/min/max/total active rank, plus the model's mean and total."""
+        r = self.ranks().reshape(self.num_layers, -1).cpu()
+        rf = r.double()
+        return {
+            "step": self.global_step,
+            "layers": [
+                {
+                    "mean": float(rf[l].mean()),
+                    "min": int(r[l].min()),
+                    "max": int(r[l].max()),
+                    "total": int(r[l].sum()),
+                }
+                for l in range(self.num_layers)
+            ],
+            "mean": float(rf.mean()),
+            "total": int(r.sum()),
+            "budget": self.num_layers * self.num_modules * self.config.r_target,
+            "events": len(self.event_log),
+        }
+
+    def decision_hash(self) -> str:
+        """SHA-256 of the growth decisions so far (step, ranks, event log); equal on all processes."""
+        h = hashlib.sha256()
+        h.update(struct.pack("<q", self.global_step))
+        h.update(self.ranks().cpu().to(torch.int64).numpy().tobytes())
+        for ev in self.event_log:
+            h.update(
+                struct.pack(
+                    "<7qd",
+                    ev.step,
+                    ev.layer,
+                    ev.module,
+                    ev.expert,
+                    ev.pool,
+                    ev.old_rank,
+                    ev.new_rank,
+                    ev.saliency,
+                )
+            )
+        return h.hexdigest()
+
+    def check_consistency(self) -> None:
+        """Compare :meth:`decision_hash` across processes; raise ``RuntimeError`` if they differ.
+
+        A no-op without ``torch.distributed``. Collective: every process must call it.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        value = int(self.decision_hash()[:15], 16)  # 60 bits: fits an int64
+        t = torch.tensor([value, -value], dtype=torch.int64, device=self.tracker.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        if int(t[0]) != value or int(t[1]) != -value:
+            raise RuntimeError(
+                f"DR-LoRA growth decisions differ across processes at step {self.global_step} "
+                f"(rank {dist.get_rank(self.process_group)} hash {self.decision_hash()[:16]}): "
+                "statistics were not all-reduced identically or pools diverged"
+            )
+
+    # ------------------------------------------------------------------- checkpoint
+    def _fingerprint(self) -> dict[str, Any]:
+        s = self.schedule
+        return {
+            "total_steps": s.total_steps,
+            "shape": [self.num_layers, self.num_pools, self.num_experts, self.tracker.shape[3]],
+            "events": [s.events[0], s.events[-1], s.num_events] if s.events else [],
+            "quota": s.quota,
+            "cap": s.cap,
+            "allocation": s.allocation,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Growth state: ranks, statistics, step counter, event log (no RNG state: draws are seeded)."""
+        return {
+            "format": STATE_FORMAT,
+            "schedule": self._fingerprint(),
+            "global_step": self.global_step,
+            "ranks": self.ranks().cpu().clone(),
+            "tracker": {k: v.cpu() for k, v in self.tracker.state_dict().items()},
+            "event_log": [ev.to_dict() for ev in self.event_log],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: sets the pools' ranks, statistics, step and event log.
+
+        The pools' ``lora_A``/``lora_B`` values are part of the model checkpoint, not of this state.
+
+        Raises:
+            ValueError: the state comes from a different schedule or pool layout.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported controller state format {state.get('format')!r}")
+        if state["schedule"] != self._fingerprint():
+            raise ValueError(
+                f"controller state was saved with schedule {state['schedule']}, this controller has "
+                f"{self._fingerprint()}"
+            )
+        ranks = state["ranks"]
+        if tuple(ranks.shape) != (self.num_layers, self.num_pools, self.num_experts):
+            raise ValueError(f"state['ranks'] has shape {tuple(ranks.shape)}")
+        if (ranks < 0).any() or (ranks > self.config.r_max).any():
+            raise ValueError(f"state['ranks'] must lie in [0, r_max={self.config.r_max}]")
+        for l, layer in enumerate(self.pools):
+            for p, pool in enumerate(layer):
+                pool.ranks.copy_(ranks[l, p].to(pool.ranks.device, pool.ranks.dtype))
+        self.tracker.load_state_dict(state["tracker"])
+        self.global_step = int(state["global_step"])
+        self.event_log = [GrowthEvent(**ev) for ev in state["event_log"]]
+        self.apply_router_freeze()
+
+    def __repr__(self) -> str:
+        s = self.rank_summary()
+        return (
+            f"DRLoRAController(L={self.num_layers}, P={self.num_pools}, E={self.num_experts}, "
+            f"step={self.global_step}, mean rank={s['mean']:.2f}, {self.schedule!r})"
+        )

@@ -1,0 +1,265 @@
+"""Routing frequency, rank importance and the saliency score of DR-LoRA (SPEC Eq. 5-9).
+
+All statistics of a model live in a few stacked tensors, so the per-step update
+is a handful of vectorised ops (no loop over experts) and, under data
+parallelism, ONE collective:
+
+* ``frequency [L, E]``: ``f <- beta f + (1 - beta) w`` once per optimizer step, where ``w`` is
+  the sum of the routing weights the model applied to each expert over every token of the
+  step (all gradient-accumulation micro-batches) divided by the number of tokens;
+* ``slot_importance [L, P, E, R]``: ``g_j <- beta g_j + (1 - beta) s_j`` with
+  ``s_j = ||dL/da_j * a_j||_1 * ||dL/db_j * b_j||_1`` for rank slot ``j``;
+* module importance ``g_m`` = mean of ``g_j`` over the ACTIVE slots of module ``m``;
+* saliency ``S_m = f_expert(m) * g_m / (r_m + 1) ** gamma``.
+
+``L`` layers, ``P`` adapted projections (pools) per layer, ``E`` experts, ``R`` slots
+(``r_max``). Module ``m = p * E + e`` is expert ``e`` of pool ``p``; both modules of one
+expert share its ``f``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .ops import slot_importance
+from .pool import RankPool
+
+FusedImportance = torch.Tensor | Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread.
+
+    Gradient checkpointing re-runs the forward inside the backward (reentrant: inside
+    ``CheckpointFunction.backward``; non-reentrant: inside the saved-tensor unpack hook),
+    so a forward that sees ``in_backward()`` is a recomputation and must not be counted.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def slot_scores(pool: RankPool) -> torch.Tensor:
+    """``s_j`` of every slot of one pool from its accumulated ``.grad``: `[E, R]` fp32.
+
+    Inactive slots (and a pool that received no gradient) score exactly zero.
+    """
+    A, B = pool.lora_A, pool.lora_B
+    if A.grad is None or B.grad is None:
+        return torch.zeros(A.shape[0], A.shape[1], dtype=torch.float32, device=A.device)
+    imp_a, imp_b = slot_importance(A.detach(), A.grad, B.detach(), B.grad, pool.ranks)
+    return imp_a * imp_b
+
+
+def saliency_score(
+    frequency: torch.Tensor, importance: torch.Tensor, ranks: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Eq. 9: ``S = f * g / (r + 1) ** gamma`` (all arguments broadcast together)."""
+    return frequency * importance / (ranks.to(importance.dtype) + 1.0).pow(gamma)
+
+
+class SaliencyTracker:
+    """EMAs of routing frequency and per-slot importance for ``L x P x E`` modules.
+
+    Args:
+        num_layers, num_pools, num_experts, r_max: ``L``, ``P``, ``E``, ``R``.
+        beta: EMA decay (SPEC default 0.9).
+        gamma: rank-penalty exponent of the saliency.
+        use_frequency / use_importance: ablations; ``False`` replaces that factor by 1.
+        device: where the statistics live (the pools' device).
+
+    Use: :meth:`record_routing` from the MoE forward (device-side, no host sync),
+    then once per optimizer step :meth:`update` with the step's slot scores, then
+    :meth:`saliency` at a growth event and :meth:`reset_importance` for the modules that grew.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pools: int,
+        num_experts: int,
+        r_max: int,
+        *,
+        beta: float = 0.9,
+        gamma: float = 1.2,
+        use_frequency: bool = True,
+        use_importance: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, v in (
+            ("num_layers", num_layers),
+            ("num_pools", num_pools),
+            ("num_experts", num_experts),
+            ("r_max", r_max),
+        ):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.shape = (num_layers, num_pools, num_experts, r_max)
+        self.beta, self.gamma = float(beta), float(gamma)
+        self.use_frequency, self.use_importance = bool(use_frequency), bool(use_importance)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        L, P, E, R = self.shape
+        self.frequency = torch.zeros(L, E, dtype=torch.float32, device=self.device)
+        self.slot_importance = torch.zeros(L, P, E, R, dtype=torch.float32, device=self.device)
+        # Routing accumulators of the current optimizer step (fp64: many tokens per step).
+        self._route_sum = torch.zeros(L, E, dtype=torch.float64, device=self.device)
+        self._route_tokens = torch.zeros(L, dtype=torch.float64, device=self.device)
+
+    # ----------------------------------------------------------------- routing capture
+    def record_routing(
+        self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> None:
+        """Accumulate the routing weights one forward applied in ``layer``.
+
+        Args:
+            layer: MoE layer index in ``[0, L)``.
+            top_k_index: `[T, k]` integer expert ids of each token.
+            top_k_weights: `[T, k]` the weights the model applied (after its own normalisation).
+
+        Device-side ``index_add_``, no host sync. Calls made while the autograd engine
+        runs a backward (gradient-checkpoint recomputation) are ignored, so every token
+        is counted once per forward.
+        """
+        if in_backward():
+            return
+        if not 0 <= layer < self.shape[0]:
+            raise ValueError(f"layer must be in [0, {self.shape[0]}), got {layer}")
+        if top_k_index.dim() != 2 or top_k_index.shape != top_k_weights.shape:
+            raise ValueError(
+                "top_k_index and top_k_weights must both have shape [T, k], got "
+                f"{tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}"
+            )
+        if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+            raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+        idx = top_k_index.detach().reshape(-1).to(self.device, torch.long, non_blocking=True)
+        w = top_k_weights.detach().reshape(-1).to(self.device, torch.float64, non_blocking=True)
+        self._route_sum[layer].index_add_(0, idx, w)
+        self._route_tokens[layer] += top_k_index.shape[0]
+
+    def pending_routing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's accumulated ``(weight sums [L, E], token counts [L])`` (not yet in ``f``)."""
+        return self._route_sum, self._route_tokens
+
+    # ------------------------------------------------------------------ step update
+    def update(
+        self,
+        scores: torch.Tensor | None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        """One optimizer step's EMA update of ``f`` and ``g`` (then clears the routing sums).
+
+        Args:
+            scores: `[L, P, E, R]` per-slot ``s_j`` of this step (ignored, may be ``None``,
+                when ``use_importance=False``).
+            process_group: under ``torch.distributed``, routing sums, token counts and ``s_j``
+                are all-reduced (mean) over this group (default: the world) in one collective
+                before the update, so every process ends with the same statistics.
+
+        A layer that recorded no token this step keeps its ``f`` (no observation).
+        """
+        L, P, E, R = self.shape
+        parts = [self._route_sum.reshape(-1), self._route_tokens]
+        if self.use_importance:
+            if scores is None:
+                raise ValueError("scores is required when use_importance=True")
+            if tuple(scores.shape) != self.shape:
+                raise ValueError(
+                    f"scores must have shape {list(self.shape)}, got {tuple(scores.shape)}"
+                )
+            parts.append(scores.detach().to(self.device, torch.float64).reshape(-1))
+        flat = torch.cat(parts)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+            flat /= dist.get_world_size(process_group)
+        sums, tokens = flat[: L * E].view(L, E), flat[L * E : L * E + L]
+        w = (sums / tokens.clamp(min=1.0)[:, None]).float()
+        ema = self.beta * self.frequency + (1.0 - self.beta) * w
+        self.frequency.copy_(torch.where((tokens > 0)[:, None], ema, self.frequency))
+        if self.use_importance:
+            s = flat[L * E + L :].view(L, P, E, R).float()
+            self.slot_importance.mul_(self.beta).add_(s, alpha=1.0 - self.beta)
+        self._route_sum.zero_()
+        self._route_tokens.zero_()
+
+    # ------------------------------------------------------------------- read-outs
+    def module_importance(self, ranks: torch.Tensor) -> torch.Tensor:
+        """``g_m``: mean of ``g_j`` over the active slots ``j < r_m``; `[L, P, E]` (0 for rank 0)."""
+        r = ranks.to(self.device, torch.long)
+        active = torch.arange(self.shape[3], device=self.device) < r[..., None]
+        total = torch.where(active, self.slot_importance, 0.0).sum(dim=-1)
+        return total / r.clamp(min=1).to(total.dtype)
+
+    def saliency(self, ranks: torch.Tensor) -> torch.Tensor:
+        """``S_m`` of every module: `[L, P * E]` (module ``m = p * E + e``).
+
+        Args:
+            ranks: `[L, P, E]` current active ranks.
+        """
+        L, P, E, _ = self.shape
+        if tuple(ranks.shape) != (L, P, E):
+            raise ValueError(f"ranks must have shape [{L}, {P}, {E}], got {tuple(ranks.shape)}")
+        ones = torch.ones(L, P, E, device=self.device)
+        f = self.frequency[:, None, :].expand(L, P, E) if self.use_frequency else ones
+        g = self.module_importance(ranks) if self.use_importance else ones
+        return saliency_score(f, g, ranks.to(self.device), self.gamma).reshape(L, P * E)
+
+    def reset_importance(self, modules: torch.Tensor) -> None:
+        """Zero the per-slot EMAs (hence ``g_m``) of the modules where ``modules [L, P, E]`` is True."""
+        mask = modules.to(self.device, torch.bool)[..., None]
+        self.slot_importance.masked_fill_(mask, 0.0)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "frequency": self.frequency.clone(),
+            "slot_importance": self.slot_importance.clone(),
+            "route_sum": self._route_sum.clone(),
+            "route_tokens": self._route_tokens.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, dst in (
+            ("frequency", self.frequency),
+            ("slot_importance", self.slot_importance),
+            ("route_sum", self._route_sum),
+            ("route_tokens", self._route_tokens),
+        ):
+            src = state[key]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"state[{key!r}] has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                )
+            dst.copy_(src)
+
+
+def fused_scores(fused: FusedImportance, shape: tuple[int, int, int, int], device) -> torch.Tensor:
+    """Per-slot ``s_j [L, P, E, R]`` from a backend's fused sums.
+
+    ``fused`` is either the ready `[L, P, E, R]` tensor of ``s_j`` or, per layer and pool,
+    the pair ``(imp_a, imp_b)`` of `[E, R]` L1 sums (``sum_k |A*dA|``, ``sum_n |B*dB|``) of
+    the step's COMPLETE gradient (with gradient accumulation, sums of per-micro-batch terms
+    are not the same thing: use ``.grad`` instead).
+    """
+    if isinstance(fused, torch.Tensor):
+        if tuple(fused.shape) != tuple(shape):
+            raise ValueError(
+                f"fused_importance must have shape {list(shape)}, got {tuple(fused.shape)}"
+            )
+        return fused.to(device, torch.float32)
+    L, P, E, R = shape
+    if len(fused) != L or any(len(layer) != P for layer in fused):
+        raise ValueError(f"fused_importance must hold {L} layers of {P} (imp_a, imp_b) pairs")
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    for layer, pairs in enumerate(fused):
+        for p, (imp_a, imp_b) in enumerate(pairs):
+            if tuple(imp_a.shape) != (E, R) or tuple(imp_b.shape) != (E, R):
+                raise ValueError(
+                    f"fused_importance[{layer}][{p}] must be two [E={E}, R={R}] tensors, got "
+                    f"{tuple(imp_a.shape)} and {tuple(imp_b.shape)}"
+                )
+            out[layer, p] = imp_a.float() * imp_b.float()
+    return out
