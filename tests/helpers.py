@@ -120,7 +120,7 @@ def assert_close_to_ref(
     assert out.shape == ref.shape, (
         f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     )
-    out64, ref64 = out.double(), ref.double()
+    out64, ref64 = out.detach().double(), ref.detach().double()
     assert torch.isfinite(out64).all(), (
         f"{name}: non-finite values at {(~torch.isfinite(out64)).nonzero()[:5].tolist()}"
     )
