@@ -1,0 +1,492 @@
+"""Attach DR-LoRA to a Hugging Face ``transformers`` MoE model.
+
+transformers 5.x stores the experts of an MoE layer as fused 3-D parameters
+(``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``; transposed ``[E, in, out]``
+for GPT-OSS and Aria) in classes decorated with ``@use_experts_implementation``,
+whose ``forward`` dispatches on ``config._experts_implementation`` through
+:class:`transformers.integrations.moe.ExpertsInterface`. :func:`attach_drlora`
+uses that mechanism rather than patching classes:
+
+1. every adapted projection of every experts module gets a
+   :class:`~drlora_kernels.pool.RankPool`, registered as a submodule
+   (``<experts>.drlora.<projection>``), so it is in ``model.parameters()`` and
+   ``model.state_dict()``;
+2. the base model is frozen (the routers stay trainable unless ``train_router=False``;
+   the controller freezes them during warmup);
+3. ``"drlora"`` is registered in the experts interface and selected with
+   ``model.set_experts_implementation("drlora")``. :func:`drlora_experts_forward`
+   then runs each experts module through the grouped ops: base GEMM and LoRA fused
+   in one op (:func:`~drlora_kernels.ops.grouped_lora_base`) for the ``[E, out, in]``
+   layout, base grouped GEMM plus :func:`~drlora_kernels.ops.grouped_lora` for the
+   transposed layout. ``W + BA`` is never materialised.
+
+The experts forward follows the interface's own flags (``has_gate``, ``has_bias``,
+``is_transposed``, ``has_post_expert_norm``, the class's ``_apply_gate``), so every
+family built on the interface works without family-specific code, including
+interleaved gate/up (GPT-OSS: LoRA adapts the whole fused projection, the layout of
+its output columns does not matter) and gate-less experts (NemotronH: ``up_proj``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..config import DRLoRAConfig
+from ..layers import GroupedLoRALinear
+from ..ops import gather_tokens, route_tokens, scatter_tokens
+from ..pool import RankPool
+
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "DRLoRAAdapter",
+    "DRLoRAModel",
+    "ExpertsLayout",
+    "attach_drlora",
+    "drlora_experts_forward",
+    "find_experts_modules",
+    "get_drlora",
+]
+
+EXPERTS_IMPLEMENTATION = "drlora"
+ADAPTER_NAME = "drlora"  # submodule name on each experts module
+_HANDLE_ATTR = "_drlora_handle"
+# ``gate_up_proj`` in ``target_modules`` also names the input projection of gate-less experts.
+_UP_ALIASES = {"gate_up_proj": "up_proj", "up_proj": "gate_up_proj"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout of one experts module
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsLayout:
+    """How one experts module stores its projections (read from the interface's flags).
+
+    Attributes:
+        projections: parameter names in forward order (``("gate_up_proj", "down_proj")`` or
+            ``("up_proj", "down_proj")``).
+        transposed: weights are ``[E, in, out]`` instead of ``[E, out, in]``.
+        has_bias: each projection has a ``<name>_bias [E, out]``.
+        num_experts: ``E``.
+    """
+
+    projections: tuple[str, ...]
+    transposed: bool
+    has_bias: bool
+    num_experts: int
+
+    def in_out(self, weight: torch.Tensor) -> tuple[int, int]:
+        """``(in_features, out_features)`` of one expert of ``weight``."""
+        _, d1, d2 = weight.shape
+        return (d1, d2) if self.transposed else (d2, d1)
+
+
+def _is_interface_experts(module: nn.Module) -> bool:
+    # ``@use_experts_implementation`` sets these in ``__init__``.
+    return all(
+        hasattr(module, a) for a in ("has_gate", "is_transposed", "has_bias", "_is_expert_parallel")
+    )
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout:
+    """Read the :class:`ExpertsLayout` of an experts module, or raise ``ValueError`` saying why not."""
+    name = type(module).__name__
+    if not _is_interface_experts(module):
+        raise ValueError(
+            f"{name} is not an experts module built on transformers' experts interface "
+            "(@use_experts_implementation); DR-LoRA adapts fused 3-D experts only"
+        )
+    if module._is_expert_parallel:
+        raise ValueError(
+            f"{name} is expert-parallel; DR-LoRA does not support expert parallelism yet"
+        )
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    projections = (up, "down_proj")
+    E = getattr(module, "num_experts", None)
+    for p in projections:
+        w = getattr(module, p, None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            raise ValueError(
+                f"{name}.{p} must be a 3-D [E, out, in] or [E, in, out] parameter, got {type(w).__name__}"
+            )
+        if module.has_bias and not isinstance(getattr(module, f"{p}_bias", None), torch.Tensor):
+            raise ValueError(f"{name} declares has_bias but has no {p}_bias")
+        E = w.shape[0] if E is None else E
+        if w.shape[0] != E:
+            raise ValueError(f"{name}.{p} has {w.shape[0]} experts, expected num_experts={E}")
+    return ExpertsLayout(projections, bool(module.is_transposed), bool(module.has_bias), int(E))
+
+
+def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(qualified_name, module)]`` of every experts module on transformers' experts interface, in order."""
+    return [(n, m) for n, m in model.named_modules() if _is_interface_experts(m)]
+
+
+def _resolve_targets(
+    layout: ExpertsLayout, target_modules: tuple[str, ...], where: str
+) -> tuple[str, ...]:
+    chosen = []
+    for p in layout.projections:
+        if p in target_modules or _UP_ALIASES.get(p) in target_modules:
+            chosen.append(p)
+    if not chosen:
+        raise ValueError(
+            f"target_modules={list(target_modules)} matches no projection of {where} "
+            f"(it has {list(layout.projections)})"
+        )
+    return tuple(chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter submodule and the experts forward
+# ---------------------------------------------------------------------------------------------
+
+
+class DRLoRAAdapter(nn.Module):
+    """The rank pools of one experts module (submodule ``drlora`` of it).
+
+    Each adapted projection ``p`` is a :class:`RankPool` attribute named ``p``
+    (state-dict keys ``<experts>.drlora.<p>.lora_A`` / ``.lora_B`` / ``.ranks``).
+
+    Attributes:
+        layer: index of this experts module among the adapted ones (the controller's layer).
+        layout: the module's :class:`ExpertsLayout`.
+        base_implementation: the experts implementation the model used before attaching;
+            run when the adapter is disabled or merged.
+        merged: the active ranks are folded into the base weights (see ``merge.py``).
+        enabled: apply the LoRA update (``False`` gives the base model).
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        layout: ExpertsLayout,
+        pools: dict[str, RankPool],
+        base_implementation: str,
+    ):
+        super().__init__()
+        self.layer = layer
+        self.layout = layout
+        self.base_implementation = base_implementation
+        self.merged = False
+        self.enabled = True
+        self.projections = tuple(pools)
+        for name, pool in pools.items():
+            self.add_module(name, pool)
+        self._handle: weakref.ReferenceType[DRLoRAModel] | None = None
+
+    def pools(self) -> list[RankPool]:
+        return [getattr(self, p) for p in self.projections]
+
+    def pool(self, projection: str) -> RankPool | None:
+        return getattr(self, projection) if projection in self.projections else None
+
+    def record(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        """Hand the routing of this forward to the controller (training mode only)."""
+        handle = self._handle() if self._handle is not None else None
+        if handle is not None and handle.controller is not None and self.training:
+            handle.controller.record_routing(self.layer, top_k_index, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, projections={list(self.projections)}, merged={self.merged}"
+
+
+def _base_grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool
+):
+    """``x_e @ W_e^T`` per expert group without LoRA, via transformers' grouped GEMM (takes ``[E, in, out]``)."""
+    from transformers.integrations.moe import _grouped_mm
+
+    w = weight if transposed else weight.transpose(-2, -1)
+    return _grouped_mm(x, w, offsets[1:])
+
+
+def _project(
+    module: nn.Module, adapter: DRLoRAAdapter, name: str, x: torch.Tensor, routing
+) -> torch.Tensor:
+    weight = getattr(module, name)
+    pool = adapter.pool(name)
+    transposed = adapter.layout.transposed
+    if pool is None:
+        out = _base_grouped_linear(x, weight, routing.offsets, transposed)
+    elif transposed:
+        # [E, in, out]: the fused op takes [E, out, in] and a transposed copy per call would cost a
+        # full weight copy, so run the base grouped GEMM and the LoRA-only op side by side.
+        out = _base_grouped_linear(x, weight, routing.offsets, True) + pool(x, routing.offsets)
+    else:
+        out = pool(x, routing.offsets, weight)  # base GEMM + LoRA in one grouped op
+    if adapter.layout.has_bias:
+        out = out + getattr(module, f"{name}_bias")[routing.expert_index]
+    return out
+
+
+def _base_forward(module: nn.Module, implementation: str):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    eager = type(
+        module
+    ).forward.__wrapped__  # the class's own forward, kept by @use_experts_implementation
+    if implementation in (None, "eager", EXPERTS_IMPLEMENTATION):
+        return eager
+    return ALL_EXPERTS_FUNCTIONS.get_interface(implementation, eager)
+
+
+def drlora_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Experts forward with the DR-LoRA update (registered as ``experts_implementation="drlora"``).
+
+    Same contract as transformers' experts forwards: ``hidden_states [T, H]``, ``top_k_index [T, k]``,
+    ``top_k_weights [T, k]`` (the weights the model applies) -> ``[T, H]``. Experts modules without
+    an adapter, or with a disabled or merged one, run the implementation active before attaching.
+    """
+    adapter = getattr(self, ADAPTER_NAME, None)
+    if not isinstance(adapter, DRLoRAAdapter):
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if adapter.merged or not adapter.enabled:
+        return _base_forward(self, adapter.base_implementation)(
+            self, hidden_states, top_k_index, top_k_weights
+        )
+    adapter.record(top_k_index, top_k_weights)
+    routing = route_tokens(top_k_index, top_k_weights, adapter.layout.num_experts)
+    x = gather_tokens(hidden_states, routing)
+    up, down = adapter.layout.projections
+    h = _project(self, adapter, up, x, routing)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = _project(self, adapter, down, h, routing)
+    if getattr(self, "has_post_expert_norm", False):
+        y = self.post_expert_norm(y)
+    return scatter_tokens(y, routing).to(hidden_states.dtype)
+
+
+def _register_interface() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    if ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION) is not drlora_experts_forward:
+        ExpertsInterface.register(EXPERTS_IMPLEMENTATION, drlora_experts_forward)
+
+
+# ---------------------------------------------------------------------------------------------
+# The handle
+# ---------------------------------------------------------------------------------------------
+
+
+class DRLoRAModel:
+    """What :func:`attach_drlora` returns: the pools, the config and (optionally) the controller.
+
+    The model itself is unchanged in type; pass ``handle.model`` (or the original model) to a
+    ``Trainer``. Every function of ``drlora_kernels.integrations`` accepts the model or this handle.
+
+    Attributes:
+        model: the adapted model.
+        config: the :class:`DRLoRAConfig`.
+        adapters: ``[(experts_module_name, DRLoRAAdapter)]`` in layer order.
+        pools: ``pools[layer][pool_index]``, the controller's layout (module ``m = pool_index * E + expert``).
+        router_parameters: the routers' parameters (frozen by the controller during warmup).
+        controller: the :class:`~drlora_kernels.dynamic.DRLoRAController`, or ``None`` until
+            :meth:`setup_controller` (or ``attach_drlora(..., total_steps=...)``).
+    """
+
+    def __init__(self, model: nn.Module, config: DRLoRAConfig, adapters: list[tuple[str, DRLoRAAdapter]],
+                 router_parameters: list[nn.Parameter], previous_implementation) -> None:  # fmt: skip
+        self.model = model
+        self.config = config
+        self.adapters = adapters
+        self.pools: list[list[RankPool]] = [a.pools() for _, a in adapters]
+        self.router_parameters = router_parameters
+        self.previous_implementation = previous_implementation
+        self.controller = None
+        self.total_steps: int | None = None
+        for _, a in adapters:
+            a._handle = weakref.ref(self)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def setup_controller(self, total_steps: int, *, process_group=None):
+        """Create the growth controller for a run of ``total_steps`` optimizer steps."""
+        from ..dynamic import DRLoRAController
+
+        if not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        self.total_steps = total_steps
+        self.controller = DRLoRAController(
+            self.pools, self.config, total_steps,
+            router_parameters=self.router_parameters or None, process_group=process_group,
+        )  # fmt: skip
+        return self.controller
+
+    def named_pools(self) -> Iterator[tuple[str, RankPool]]:
+        """``(qualified_parameter_name, pool)`` e.g. ``("model.layers.0.mlp.experts.gate_up_proj", pool)``."""
+        for name, adapter in self.adapters:
+            for p in adapter.projections:
+                yield f"{name}.{p}" if name else p, adapter.pool(p)
+
+    def rank_summary(self) -> list[dict[str, float]]:
+        """Per layer: mean/min/max active rank over all its modules, and the total."""
+        out = []
+        for layer in self.pools:
+            r = torch.cat([p.ranks.float().cpu() for p in layer])
+            out.append(
+                {
+                    "mean": r.mean().item(),
+                    "min": r.min().item(),
+                    "max": r.max().item(),
+                    "total": r.sum().item(),
+                }
+            )
+        return out
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Turn the LoRA update on or off (off gives the base model's outputs)."""
+        for _, a in self.adapters:
+            a.enabled = bool(enabled)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def __repr__(self) -> str:
+        n = sum(len(p) for p in self.pools)
+        return f"DRLoRAModel({type(self.model).__name__}, layers={len(self.pools)}, pools={n}, config={self.config})"
+
+
+def get_drlora(model_or_handle) -> DRLoRAModel:
+    """The :class:`DRLoRAModel` of an attached model (or the handle itself)."""
+    if isinstance(model_or_handle, DRLoRAModel):
+        return model_or_handle
+    handle = getattr(model_or_handle, _HANDLE_ATTR, None)
+    if handle is None:
+        raise ValueError(
+            f"{type(model_or_handle).__name__} has no DR-LoRA adapter; call attach_drlora(model, config) first"
+        )
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# attach
+# ---------------------------------------------------------------------------------------------
+
+
+def _router_parameters(model: nn.Module, experts_names: list[str]) -> list[nn.Parameter]:
+    """The routers of the MoE blocks: the sibling modules of each experts module named like a router."""
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    modules = dict(model.named_modules())
+    for name in experts_names:
+        parent = modules.get(name.rpartition(".")[0], model)
+        for child_name, child in parent.named_children():
+            if child_name in ("gate", "router") or "Router" in type(child).__name__:
+                for p in child.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+    return params
+
+
+def _layer_seed(seed: int, layer: int, pool_index: int) -> int:
+    return (seed * 1_000_003 + layer * 1_009 + pool_index) % (2**63)
+
+
+def attach_drlora(
+    model: nn.Module,
+    config: DRLoRAConfig | None = None,
+    total_steps: int | None = None,
+    *,
+    train_router: bool = True,
+    process_group=None,
+) -> DRLoRAModel:
+    """Add DR-LoRA rank pools to every fused experts module of ``model`` and route it through them.
+
+    Args:
+        model: a transformers MoE model whose experts use ``@use_experts_implementation``.
+        config: the :class:`DRLoRAConfig` (default ``DRLoRAConfig()``).
+        total_steps: optimizer steps of the run; when given, the growth controller is created
+            (``handle.controller``). Omit it for inference, merging or export.
+        train_router: leave the routers trainable (SPEC: frozen during warmup by the controller,
+            trained after). ``False`` freezes them for the whole run, as plain LoRA does.
+        process_group: data-parallel group the controller all-reduces statistics over.
+
+    Returns:
+        The :class:`DRLoRAModel` handle (also stored on the model).
+
+    Raises:
+        ValueError: the model has no supported experts module, already has DR-LoRA attached,
+            or ``config.target_modules`` matches none of its projections.
+    """
+    config = DRLoRAConfig() if config is None else config
+    if not isinstance(config, DRLoRAConfig):
+        raise TypeError(f"config must be a DRLoRAConfig, got {type(config).__name__}")
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise ValueError(f"{type(model).__name__} already has DR-LoRA attached")
+    experts = find_experts_modules(model)
+    if not experts:
+        raise ValueError(
+            f"{type(model).__name__} has no fused experts module: DR-LoRA supports transformers MoE models whose "
+            "experts are 3-D parameters on the experts interface (@use_experts_implementation), e.g. OLMoE, Mixtral, "
+            "Qwen2/3-MoE, DeepSeek-V2/V3, GPT-OSS, PhiMoE"
+        )
+    if not hasattr(model, "set_experts_implementation"):
+        raise ValueError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel (no set_experts_implementation)"
+        )
+    layouts = [experts_layout(m) for _, m in experts]
+    previous = model.get_experts_implementation()
+    base_impl = previous.get("", None) or "grouped_mm"
+    if base_impl == EXPERTS_IMPLEMENTATION:
+        base_impl = "grouped_mm"
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters: list[tuple[str, DRLoRAAdapter]] = []
+    for layer, ((name, module), layout) in enumerate(zip(experts, layouts)):
+        targets = _resolve_targets(
+            layout, config.target_modules, f"{type(module).__name__} ({name})"
+        )
+        pools = {}
+        for i, proj in enumerate(targets):
+            weight = getattr(module, proj)
+            k, n = layout.in_out(weight)
+            gen = torch.Generator().manual_seed(_layer_seed(config.seed, layer, i))
+            pool = GroupedLoRALinear(
+                layout.num_experts, k, n, config.r_max, config.r_init,
+                r_target=config.r_target, alpha=config.alpha, scaling=config.scaling,
+                dtype=weight.dtype, device=weight.device, generator=gen,
+            )  # fmt: skip
+            pool.backend = config.backend  # instance override of GroupedLoRALinear.backend
+            pools[proj] = pool
+        adapter = DRLoRAAdapter(layer, layout, pools, base_impl)
+        module.add_module(ADAPTER_NAME, adapter)
+        adapters.append((name, adapter))
+
+    router = _router_parameters(model, [n for n, _ in experts]) if train_router else []
+    for p in router:
+        p.requires_grad_(True)
+
+    _register_interface()
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    stuck = [
+        n
+        for n, m in experts
+        if getattr(m.config, "_experts_implementation", None) != EXPERTS_IMPLEMENTATION
+    ]
+    if stuck:
+        raise ValueError(
+            f"could not select experts_implementation='drlora' for {type(model).__name__} "
+            f"(modules {stuck[:3]} still dispatch to another implementation)"
+        )
+    handle = DRLoRAModel(model, config, adapters, router, previous)
+    object.__setattr__(model, _HANDLE_ATTR, handle)
+    if total_steps is not None:
+        handle.setup_controller(total_steps, process_group=process_group)
+    return handle

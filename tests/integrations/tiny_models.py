@@ -1,0 +1,123 @@
+"""Tiny random MoE models built from transformers configs (no downloads), and test oracles.
+
+``tiny_config(model_type)`` starts from the family's default config and shrinks
+every size we know about: 2 layers, hidden 64, 8 experts (top-2), small
+intermediate sizes, a 128-token vocabulary. ``build(model_type)`` returns the
+causal LM in fp32 and eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from drlora_kernels.config import DRLoRAConfig
+
+VOCAB = 128
+HIDDEN = 64
+EXPERTS = 8
+
+_SIZES = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_experts": EXPERTS,
+    "num_local_experts": EXPERTS,
+    "n_routed_experts": EXPERTS,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 0,
+    "max_position_embeddings": 64,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    """The family's default config, shrunk to a tiny size (``overrides`` win).
+
+    Only sizes the family's config already has are passed, to its constructor, so
+    derived fields (``layer_types``, ``qk_head_dim``...) are recomputed.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = AutoConfig.for_model(model_type)
+        sizes = {k: v for k, v in _SIZES.items() if hasattr(default, k)}
+        if hasattr(default, "qk_rope_head_dim"):  # MLA: head_dim follows the rope/nope split
+            sizes.pop("head_dim", None)
+        layer_types = getattr(default, "layer_types", None)
+        if layer_types:
+            sizes["layer_types"] = list(layer_types[: sizes["num_hidden_layers"]])
+        return AutoConfig.for_model(model_type, **{**sizes, **overrides})
+
+
+def build(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random causal LM of ``model_type`` in fp32, eval mode."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def small_config(**overrides) -> DRLoRAConfig:
+    """A DR-LoRA config for tiny models: ranks 2..4 of 8, reference backend."""
+    kw = dict(
+        r_init=2,
+        r_target=4,
+        r_max=8,
+        grow_every=2,
+        warmup_steps=1,
+        buffer_steps=0,
+        p_grow=0.5,
+        backend="reference",
+    )
+    kw.update(overrides)
+    return DRLoRAConfig(**kw)
+
+
+def randomize_lora(handle, std: float = 0.1, seed: int = 0) -> None:
+    """Non-zero ``B`` (and fresh ``A``) everywhere, including inactive slots (they must not matter)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, pool in handle.named_pools():
+            pool.lora_A.copy_(torch.randn(pool.lora_A.shape, generator=gen) * std)
+            pool.lora_B.copy_(torch.randn(pool.lora_B.shape, generator=gen) * std)
+
+
+@torch.no_grad()
+def fold_into_copy(base_model, handle):
+    """The oracle: a copy of the base model with ``W_e += s B_e[:, :r] A_e[:r]`` (transposed layouts too)."""
+    folded = copy.deepcopy(base_model)
+    modules = dict(folded.named_modules())
+    for name, pool in handle.named_pools():
+        module_name, _, param = name.rpartition(".")
+        module = modules[module_name]
+        weight = getattr(module, param)
+        for e in range(pool.num_experts):
+            r = int(pool.ranks[e])
+            delta = pool.scaling * pool.lora_B[e, :, :r].double() @ pool.lora_A[e, :r].double()
+            weight[e] += (delta.T if module.is_transposed else delta).to(weight.dtype)
+    return folded
+
+
+def token_batch(batch: int = 2, seq: int = 6, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
