@@ -137,7 +137,8 @@ class RankAwareAdamW(Optimizer):
     Args:
         params: parameters or parameter groups.
         lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`.
-        slots: ``{parameter: SlotSpec}``, e.g. :func:`pool_slot_specs(pools) <pool_slot_specs>`.
+        slots: ``{parameter: SlotSpec}``, e.g. :func:`pool_slot_specs(pools) <pool_slot_specs>`;
+            entries for parameters not in ``params`` are ignored.
 
     Example:
         >>> opt = RankAwareAdamW(model.parameters(), lr=1e-4, slots=pool_slot_specs(pools))
@@ -162,11 +163,12 @@ class RankAwareAdamW(Optimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.slots: dict[torch.Tensor, SlotSpec] = dict(slots or {})
         known = {p for group in self.param_groups for p in group["params"]}
+        # Specs of parameters this optimizer does not train (e.g. frozen pools) are ignored.
+        self.slots: dict[torch.Tensor, SlotSpec] = {
+            p: s for p, s in (slots or {}).items() if p in known
+        }
         for p, spec in self.slots.items():
-            if p not in known:
-                raise ValueError("slots names a parameter that is not in params")
             if p.dim() != 3 or spec.ranks.shape != (p.shape[0],):
                 raise ValueError(
                     f"slots: a parameter of shape {tuple(p.shape)} needs ranks of shape [{p.shape[0]}] "

@@ -183,8 +183,9 @@ def test_validation():
         RankAwareAdamW(pool.parameters(), lr=-1.0)
     with pytest.raises(ValueError, match="betas"):
         RankAwareAdamW(pool.parameters(), betas=(1.0, 0.9))
-    with pytest.raises(ValueError, match="not in params"):
-        RankAwareAdamW([pool.lora_A], slots=pool_slot_specs(pool))
+    assert list(RankAwareAdamW([pool.lora_A], slots=pool_slot_specs(pool)).slots) == [pool.lora_A]
+    with pytest.raises(ValueError, match="ranks"):
+        RankAwareAdamW(pool.parameters(), slots={pool.lora_A: SlotSpec(torch.zeros(E + 1), 1)})
     with pytest.raises(ValueError, match="dim"):
         SlotSpec(pool.ranks, 0)
     with pytest.raises(ValueError, match="invalid entry"):
