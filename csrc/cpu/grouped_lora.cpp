@@ -194,6 +194,170 @@ at::Tensor cast_to(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
+
+// Everything the backward reads and writes, in the accumulation dtype.
+// Undefined tensors are outputs that were not requested (or an absent w).
+struct BackwardBufs {
+  at::Tensor g, x;
+  std::optional<at::Tensor> w;
+  at::Tensor a, b, u;
+  at::Tensor dx, dw, da, db;
+};
+
+// Expert-granular tasks balance when no expert holds much more than one
+// thread's share of the rows (the usual top-k routing); a hot expert (zipf,
+// one-hot routing) needs the finer two-phase split instead.
+bool expert_tasks_balance(const Groups& g) {
+  const int64_t nthreads = at::get_num_threads();
+  if (nthreads <= 1) return true;
+  int64_t busy = 0, max_rows = 0;
+  for (int64_t e = 0; e < g.E; ++e) {
+    busy += g.rows(e) > 0;
+    max_rows = std::max(max_rows, g.rows(e));
+  }
+  const int64_t T = g.off[g.E];
+  return busy >= 2 * nthreads && max_rows * nthreads <= T;
+}
+
+// Zero the inactive slots of da[e] ([R, K], rows >= r) and db[e] ([N, R], columns >= r).
+void zero_inactive_grads(const BackwardBufs& t, int64_t e, int64_t r) {
+  const int64_t R = t.a.size(1);
+  if (r == R) return;
+  if (t.da.defined()) t.da[e].narrow(0, r, R - r).zero_();
+  if (t.db.defined()) t.db[e].narrow(1, r, R - r).zero_();
+}
+
+// One task per expert: walk its rows in cache-sized blocks and do every GEMM
+// that reads the block while it is hot (gb, dx, and the da / db / dw partial
+// sums, accumulated in place with beta = 1 after the first block).
+void backward_by_expert(const BackwardBufs& t, const Groups& g) {
+  constexpr int64_t kBlock = 128;
+  std::vector<int64_t> order(static_cast<size_t>(g.E));
+  for (int64_t e = 0; e < g.E; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return g.rows(a) > g.rows(b); });
+  const bool want_gb = t.dx.defined() || t.da.defined();
+  run_tasks(g.E, [&](int64_t i) {
+    const int64_t e = order[i];
+    const int64_t r = g.rank[e], n = g.rows(e);
+    const double s = g.scale[e];
+    zero_inactive_grads(t, e, r);
+    at::Tensor da_e = t.da.defined() && r > 0 ? t.da[e].narrow(0, 0, r) : at::Tensor();
+    at::Tensor db_e = t.db.defined() && r > 0 ? t.db[e].narrow(1, 0, r) : at::Tensor();
+    at::Tensor dw_e = t.dw.defined() ? t.dw[e] : at::Tensor();
+    if (n == 0) {
+      if (da_e.defined()) da_e.zero_();
+      if (db_e.defined()) db_e.zero_();
+      if (dw_e.defined()) dw_e.zero_();
+      return;
+    }
+    const auto a_r = r > 0 ? a_active(t.a, e, r) : at::Tensor();
+    const auto b_r = r > 0 ? b_active(t.b, e, r) : at::Tensor();
+    at::Tensor gb = (r > 0 && want_gb) ? at::empty({std::min(kBlock, n), r}, t.g.options())
+                                       : at::Tensor();
+    for (int64_t lo = g.off[e]; lo < g.off[e + 1]; lo += kBlock) {
+      const int64_t m = std::min(kBlock, g.off[e + 1] - lo);
+      const double beta = lo == g.off[e] ? 0.0 : 1.0;  // first block overwrites
+      auto gm = t.g.narrow(0, lo, m);
+      auto xm = t.x.narrow(0, lo, m);
+      at::Tensor gbm;
+      if (gb.defined()) {
+        gbm = gb.narrow(0, 0, m);
+        at::addmm_out(gbm, gbm, gm, b_r, /*beta=*/0.0, /*alpha=*/s);
+      }
+      if (t.dx.defined()) {
+        auto dxm = t.dx.narrow(0, lo, m);
+        const bool base = t.w.has_value();
+        if (base) at::mm_out(dxm, gm, (*t.w)[e]);
+        if (r > 0) {
+          dxm.addmm_(gbm, a_r, /*beta=*/base ? 1.0 : 0.0);
+        } else if (!base) {
+          dxm.zero_();
+        }
+      }
+      if (da_e.defined()) da_e.addmm_(gbm.t(), xm, beta);
+      if (db_e.defined()) {
+        db_e.addmm_(gm.t(), t.u.narrow(0, lo, m).narrow(1, 0, r), beta, /*alpha=*/s);
+      }
+      if (dw_e.defined()) dw_e.addmm_(gm.t(), xm, beta);
+    }
+  });
+}
+
+// Two phases for skewed routing. Phase 1, row tasks: gb = s * g @ b[e, :, :r] and dx.
+// Phase 2, column tasks: the reductions over an expert's rows (da, db, dw), one
+// task per (expert, block of output columns): many tasks even for one hot expert.
+void backward_two_phase(const BackwardBufs& t, const Groups& g) {
+  const int64_t T = t.x.size(0), R = t.a.size(1), K = t.a.size(2), N = t.b.size(1);
+  const bool want_gb = t.dx.defined() || t.da.defined();
+  auto gb = want_gb ? at::empty({T, R}, t.g.options()) : at::Tensor();
+  if (want_gb) {
+    const auto tasks = row_tasks(g);
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+      const auto& k = tasks[i];
+      const int64_t r = g.rank[k.e];
+      auto gm = t.g.narrow(0, k.lo, k.n);
+      at::Tensor gbm;
+      if (r > 0) {
+        gbm = gb.narrow(0, k.lo, k.n).narrow(1, 0, r);
+        at::addmm_out(gbm, gbm, gm, b_active(t.b, k.e, r), /*beta=*/0.0, g.scale[k.e]);
+      }
+      if (!t.dx.defined()) return;
+      auto dxm = t.dx.narrow(0, k.lo, k.n);
+      const bool base = t.w.has_value();
+      if (base) at::mm_out(dxm, gm, (*t.w)[k.e]);
+      if (r > 0) {
+        dxm.addmm_(gbm, a_active(t.a, k.e, r), /*beta=*/base ? 1.0 : 0.0);
+      } else if (!base) {
+        dxm.zero_();
+      }
+    });
+  }
+
+  enum Kind : int64_t { kDa = 0, kDb = 1, kDw = 2 };
+  std::vector<ColTask> tasks;
+  auto add_tasks = [&](int64_t e, int64_t kind, int64_t cols) {
+    for (int64_t lo = 0; lo < cols; lo += kColBlock) {
+      tasks.push_back({e, kind, lo, std::min(kColBlock, cols - lo)});
+    }
+  };
+  for (int64_t e = 0; e < g.E; ++e) {
+    zero_inactive_grads(t, e, g.rank[e]);
+    if (t.da.defined() && g.rank[e] > 0) add_tasks(e, kDa, K);
+    if (t.db.defined() && g.rank[e] > 0) add_tasks(e, kDb, N);
+    if (t.dw.defined()) add_tasks(e, kDw, N);
+  }
+  // Most rows first (cost ~ rows x cols); stable so equal tasks keep expert order.
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const ColTask& a, const ColTask& b) {
+    return g.rows(a.e) * a.n > g.rows(b.e) * b.n;
+  });
+  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const auto& k = tasks[i];
+    const int64_t r = g.rank[k.e], lo = g.off[k.e], n = g.rows(k.e);
+    at::Tensor out;
+    if (k.kind == kDw) {
+      out = t.dw[k.e].narrow(0, k.lo, k.n);  // [cols of N, K]
+    } else if (k.kind == kDa) {
+      out = t.da[k.e].narrow(0, 0, r).narrow(1, k.lo, k.n);  // [r, cols of K]
+    } else {
+      out = t.db[k.e].narrow(0, k.lo, k.n).narrow(1, 0, r);  // [cols of N, r]
+    }
+    if (n == 0) {
+      out.zero_();
+      return;
+    }
+    auto gm = t.g.narrow(0, lo, n);
+    auto xm = t.x.narrow(0, lo, n);
+    if (k.kind == kDw) {
+      at::mm_out(out, gm.narrow(1, k.lo, k.n).t(), xm);
+    } else if (k.kind == kDa) {
+      at::mm_out(out, gb.narrow(0, lo, n).narrow(1, 0, r).t(), xm.narrow(1, k.lo, k.n));
+    } else {
+      at::addmm_out(out, out, gm.narrow(1, k.lo, k.n).t(), t.u.narrow(0, lo, n).narrow(1, 0, r),
+                    /*beta=*/0.0, /*alpha=*/g.scale[k.e]);
+    }
+  });
+}
 }  // namespace
 
 at::Tensor shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& ranks,
@@ -267,89 +431,16 @@ BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
   if (w.has_value()) wa = to_acc(*w);
   const auto opts = xa.options();
 
-  // Phase 1, row tasks: gb[rows, :r] = s * g @ b[e, :, :r] (kept for da), dx[rows].
-  const bool want_gb = need_x || want_a;
-  auto gb = want_gb ? at::empty({T, R}, opts) : at::Tensor();
-  auto dx = need_x ? at::empty({T, K}, opts) : at::Tensor();
-  if (want_gb) {
-    const auto tasks = row_tasks(g);
-    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
-      const auto& t = tasks[i];
-      const int64_t r = g.rank[t.e];
-      auto ge = ga.narrow(0, t.lo, t.n);
-      at::Tensor gbe;
-      if (r > 0) {
-        gbe = gb.narrow(0, t.lo, t.n).narrow(1, 0, r);
-        gbe.addmm_(ge, b_active(ba, t.e, r), /*beta=*/0.0, /*alpha=*/g.scale[t.e]);
-      }
-      if (!need_x) return;
-      auto dxe = dx.narrow(0, t.lo, t.n);
-      const bool base = wa.has_value();
-      if (base) at::mm_out(dxe, ge, (*wa)[t.e]);
-      if (r > 0) {
-        dxe.addmm_(gbe, a_active(aa, t.e, r), /*beta=*/base ? 1.0 : 0.0, /*alpha=*/1.0);
-      } else if (!base) {
-        dxe.zero_();
-      }
-    });
-  }
-
-  // Phase 2, column tasks: reductions over each expert's rows, one task per output tile.
-  enum Kind : int64_t { kDa = 0, kDb = 1, kDw = 2 };
   auto da = want_a ? at::empty({E, R, K}, opts) : at::Tensor();
   auto db = want_b ? at::empty({E, N, R}, opts) : at::Tensor();
   auto dw = need_w ? at::empty({E, N, K}, opts) : at::Tensor();
-  std::vector<ColTask> tasks;
-  auto add_tasks = [&](int64_t e, int64_t kind, int64_t cols) {
-    for (int64_t lo = 0; lo < cols; lo += kColBlock) {
-      tasks.push_back({e, kind, lo, std::min(kColBlock, cols - lo)});
-    }
-  };
-  for (int64_t e = 0; e < E; ++e) {
-    if (want_a) add_tasks(e, kDa, K);
-    if (want_b) add_tasks(e, kDb, N);
-    if (need_w) add_tasks(e, kDw, N);
+  auto dx = need_x ? at::empty({T, K}, opts) : at::Tensor();
+  const BackwardBufs bufs{ga, xa, wa, aa, ba, ua, dx, dw, da, db};
+  if (expert_tasks_balance(g)) {
+    backward_by_expert(bufs, g);
+  } else {
+    backward_two_phase(bufs, g);
   }
-  // Most rows first (cost ~ rows x cols); stable so equal tasks keep expert order.
-  std::stable_sort(tasks.begin(), tasks.end(), [&](const ColTask& a, const ColTask& b) {
-    return g.rows(a.e) * a.n > g.rows(b.e) * b.n;
-  });
-  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
-    const auto& t = tasks[i];
-    const int64_t r = g.rank[t.e], lo = g.off[t.e], n = g.rows(t.e);
-    if (t.kind == kDw) {
-      auto out = dw[t.e].narrow(0, t.lo, t.n);  // [cols of N, K]
-      if (n == 0) {
-        out.zero_();
-      } else {
-        at::mm_out(out, ga.narrow(0, lo, n).narrow(1, t.lo, t.n).t(), xa.narrow(0, lo, n));
-      }
-      return;
-    }
-    if (t.kind == kDa) {
-      auto out = da[t.e].narrow(1, t.lo, t.n);  // [R, cols of K]
-      if (r < R) out.narrow(0, r, R - r).zero_();
-      if (r == 0) return;
-      auto act = out.narrow(0, 0, r);
-      if (n == 0) {
-        act.zero_();
-      } else {
-        at::mm_out(act, gb.narrow(0, lo, n).narrow(1, 0, r).t(),
-                   xa.narrow(0, lo, n).narrow(1, t.lo, t.n));
-      }
-      return;
-    }
-    auto out = db[t.e].narrow(0, t.lo, t.n);  // [cols of N, R]
-    if (r < R) out.narrow(1, r, R - r).zero_();
-    if (r == 0) return;
-    auto act = out.narrow(1, 0, r);
-    if (n == 0) {
-      act.zero_();
-    } else {
-      at::addmm_out(act, act, ga.narrow(0, lo, n).narrow(1, t.lo, t.n).t(),
-                    ua.narrow(0, lo, n).narrow(1, 0, r), /*beta=*/0.0, /*alpha=*/g.scale[t.e]);
-    }
-  });
 
   auto empty = [&] { return x.new_empty({0}); };
   at::Tensor imp_a = empty(), imp_b = empty();
