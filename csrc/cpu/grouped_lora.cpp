@@ -231,7 +231,7 @@ void zero_inactive_grads(const BackwardBufs& t, int64_t e, int64_t r) {
 // that reads the block while it is hot (gb, dx, and the da / db / dw partial
 // sums, accumulated in place with beta = 1 after the first block).
 void backward_by_expert(const BackwardBufs& t, const Groups& g) {
-  constexpr int64_t kBlock = 128;
+  constexpr int64_t kBlock = 256;
   std::vector<int64_t> order(static_cast<size_t>(g.E));
   for (int64_t e = 0; e < g.E; ++e) order[e] = e;
   std::stable_sort(order.begin(), order.end(),
