@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import DRLoRAConfig
+from ._io import atomic_directory
 from .transformers import DRLoRAModel, attach_drlora, get_drlora
 
 __all__ = [
@@ -118,12 +117,6 @@ def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
     """
     handle = get_drlora(model_or_handle)
     target = Path(directory)
-    if target.exists() and (
-        not target.is_dir() or (any(target.iterdir()) and not (target / CONFIG_NAME).exists())
-    ):
-        raise ValueError(
-            f"refusing to overwrite {target}: it exists and is not a DR-LoRA checkpoint"
-        )
     tensors: dict[str, torch.Tensor] = {}
     for name, pool in handle.named_pools():
         tensors[f"{name}.lora_A"] = pool.lora_A.detach()
@@ -144,25 +137,13 @@ def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target, CONFIG_NAME) as tmp:
         save_file(
             tensors,
             str(tmp / WEIGHTS_NAME),
             metadata={"format": "pt", "drlora_format": str(FORMAT_VERSION)},
         )
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
