@@ -1,48 +1,337 @@
-"""The ``drlora`` command line: ``demo`` (the main job)."""
+"""The ``drlora`` command line (also ``python -m drlora_kernels``). Argument parsing only.
+
+Subcommands:
+
+* ``demo``    - the main job with embedded defaults (``make demo``): pre-train a tiny
+  OLMoE-style MoE on the Python standard library, fine-tune it on the machine's
+  software licenses with LoRA, DR-LoRA and masked DR-LoRA at the same rank budget,
+  print a table and write ``results.json`` and two PNGs to ``runs/demo``;
+* ``train``   - the same pipeline with your model, data and hyperparameters (flags, or
+  a ``key = value`` config file whose keys are the flag names);
+* ``quality`` - the longer quality study (architectures x corpora x seeds, ablations);
+* ``bench``   - forwards its arguments to ``python -m bench`` (repository checkout only).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+DEFAULT_DEMO_DIR = os.path.join("runs", "demo")
+DEFAULT_TRAIN_DIR = os.path.join("runs", "train")
+
+
+# ---------------------------------------------------------------- demo
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from .train.pipeline import demo_spec
 
-    import drlora_kernels as dk
-    from drlora_kernels.ops import reference
+    _set_threads(args.threads)
+    spec = demo_spec(tiny=args.tiny, seed=args.seed)
+    run_dir = args.run_dir or (DEFAULT_DEMO_DIR + ("-tiny" if args.tiny else ""))
+    return _run_and_print(spec, run_dir, progress=not args.no_progress)
 
-    torch.manual_seed(args.seed)
-    E, H, I, T, k = 8, 64, 48, 256, 2
-    experts = dk.DRLoRAExperts(torch.randn(E, 2 * I, H) * H**-0.5, torch.randn(E, H, I) * I**-0.5, r_max=16, r_init=4, r_target=8)
-    with torch.no_grad():  # give B non-zero values so the LoRA path is visible
-        for pool in (experts.lora_gate_up, experts.lora_down):
-            pool.lora_B.normal_(std=0.02)
-    experts.lora_gate_up.grow([0, 3], [6, 12])
-    hidden = torch.randn(T, H)
-    idx = torch.randint(0, E, (T, k))
-    wts = torch.softmax(torch.randn(T, k), -1)
-    y = experts(hidden, idx, wts)
-    y.pow(2).mean().backward()
-    routing = dk.route_tokens(idx, wts, E)
-    x = hidden[routing.token_index]
-    p = experts.lora_gate_up
-    ref, _ = reference.forward(x, experts.gate_up_proj, p.lora_A.detach(), p.lora_B.detach(), p.ranks, routing.offsets,
-                               torch.full((E,), p.scaling))
-    out = dk.grouped_lora_base(x, experts.gate_up_proj, p.lora_A.detach(), p.lora_B.detach(), p.ranks, routing.offsets, p.scaling)
-    print(f"backends: { {k: v[0] for k, v in dk.available_backends().items()} }")
-    print(f"gate_up ranks: {p.ranks.tolist()}  down ranks: {experts.lora_down.ranks.tolist()}")
-    print(f"max |ours - reference| on gate_up: {(out - ref).abs().max().item():.2e}")
-    inactive = ~p.active_mask()
-    print(f"grad in inactive A slots: {p.lora_A.grad[inactive].abs().max().item():.1f} (must be 0)")
+
+def _run_and_print(spec, run_dir: str, *, progress: bool) -> int:
+    from .train.pipeline import run_comparison
+
+    t0 = time.perf_counter()
+    payload = run_comparison(spec, run_dir, progress=progress)
+    print()
+    print((Path(run_dir) / "summary.txt").read_text().rstrip())
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; outputs in {run_dir}/:")
+    for name in ("results.json", "summary.txt", "loss_curves.png", "ranks_heatmap.png", "adapters"):
+        if (Path(run_dir) / name).exists():
+            print(f"  {Path(run_dir) / name}")
+    checks = payload.get("checks", {})
+    if checks.get("masked_same_final_ranks") is False:
+        print(
+            "note: masked and variable-rank DR-LoRA ended with different ranks (float ties in the saliency)"
+        )
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="drlora", description=__doc__)
+# ---------------------------------------------------------------- train
+
+
+def _read_config_file(path: str) -> dict[str, str]:
+    """``key = value`` lines (``#`` comments, blank lines ignored); keys are flag names."""
+    out = {}
+    with open(path) as fh:
+        for n, raw in enumerate(fh, 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if "=" not in line:
+                raise ValueError(f"{path}:{n}: expected 'key = value', got {raw.strip()!r}")
+            key, value = (s.strip() for s in line.split("=", 1))
+            out[key.lstrip("-").replace("-", "_")] = value
+    return out
+
+
+def _apply_config_file(
+    parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str]
+):
+    """Parse ``argv`` with ``--config`` values as defaults, so explicit flags win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    values = _read_config_file(args.config)
+    actions = {a.dest: a for a in sub._actions}
+    defaults = {}
+    for key, raw in values.items():
+        if key not in actions or key in ("help", "config"):
+            raise ValueError(
+                f"{args.config}: unknown key {key!r} (use the flag names of 'drlora train')"
+            )
+        action = actions[key]
+        if isinstance(action, argparse._StoreTrueAction):
+            defaults[key] = raw.lower() in ("1", "true", "yes", "on")
+        elif action.nargs in ("+", "*"):
+            defaults[key] = [
+                action.type(v) if action.type else v for v in raw.replace(",", " ").split()
+            ]
+        else:
+            defaults[key] = action.type(raw) if action.type else raw
+    sub.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def _train_spec(args: argparse.Namespace):
+    from .config import DRLoRAConfig
+    from .train import loop
+    from .train.models import ARCHITECTURES
+    from .train.pipeline import RunSpec
+
+    is_arch = args.model in ARCHITECTURES
+    if not is_arch and not os.path.isdir(args.model):
+        raise ValueError(
+            f"--model must be one of {ARCHITECTURES} or a local model directory, got {args.model!r}"
+        )
+    methods = tuple(m for item in args.method for m in item.split(",") if m)
+    drl = DRLoRAConfig(
+        r_init=args.r_init,
+        r_target=args.r_target,
+        r_max=args.r_max,
+        grow_every=args.grow_every,
+        warmup_steps=args.warmup_steps,
+        buffer_steps=args.buffer_steps,
+        p_grow=args.p_grow,
+        beta=args.beta,
+        gamma=args.gamma,
+        allocation=args.allocation,
+        use_frequency=not args.no_frequency,
+        use_importance=not args.no_importance,
+        seed=args.seed,
+        backend=args.backend,
+    )
+    ft = loop.FinetuneConfig(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        eval_interval=args.eval_interval, seed=args.seed, drlora=drl,
+    )  # fmt: skip
+    pre = loop.PretrainConfig(
+        steps=args.pretrain_steps,
+        batch_size=args.batch_size * 2,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    return RunSpec(
+        arch=args.model if is_arch else "local",
+        size=args.size,
+        model_path=None if is_arch else args.model,
+        pretrain_corpus=args.pretrain_corpus,
+        target_corpus=args.corpus,
+        target_paths=tuple(args.data or ()),
+        methods=methods,
+        pretrain=pre,
+        finetune=ft,
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    try:
+        spec = _train_spec(args)
+    except ValueError as exc:  # bad flag values: say which, without a traceback
+        print(f"drlora train: error: {exc}", file=sys.stderr)
+        return 2
+    if spec.model_path is None and spec.pretrain.steps == 0:
+        print("note: --pretrain-steps 0: fine-tuning a randomly initialised model")
+    return _run_and_print(spec, args.output_dir, progress=not args.no_progress)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .train.data import CORPORA
+    from .train.models import SIZES
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--config", help="a 'key = value' file of these flags (explicit flags win)")
+    g.add_argument(
+        "--model",
+        default="olmoe",
+        help="olmoe | qwen2_moe | mixtral (built here) or a local checkpoint directory",
+    )
+    g.add_argument(
+        "--size", default="small", choices=sorted(SIZES), help="size preset of a model built here"
+    )
+    g.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=300,
+        help="pre-training steps of a model built here (cached)",
+    )
+    g.add_argument("--pretrain-corpus", default="stdlib", choices=sorted(CORPORA))
+    g.add_argument(
+        "--corpus",
+        default="licenses",
+        choices=sorted(CORPORA),
+        help="fine-tuning corpus (if no --data)",
+    )
+    g.add_argument(
+        "--data", nargs="+", help="fine-tuning text files or directories (instead of --corpus)"
+    )
+    g = p.add_argument_group("method")
+    g.add_argument(
+        "--method",
+        nargs="+",
+        default=["drlora"],
+        help="drlora, lora and/or masked (space or comma separated)",
+    )
+    g.add_argument("--r-init", type=int, default=4)
+    g.add_argument("--r-target", type=int, default=8)
+    g.add_argument("--r-max", type=int, default=None, help="default 2 * r_target")
+    g.add_argument("--grow-every", type=int, default=20)
+    g.add_argument("--warmup-steps", type=int, default=None, help="default 3%% of --steps")
+    g.add_argument("--buffer-steps", type=int, default=20)
+    g.add_argument("--p-grow", type=float, default=0.25)
+    g.add_argument("--beta", type=float, default=0.9)
+    g.add_argument("--gamma", type=float, default=1.2)
+    g.add_argument("--allocation", default="per_layer", choices=["per_layer", "global"])
+    g.add_argument(
+        "--no-frequency", action="store_true", help="ablation: saliency without routing frequency"
+    )
+    g.add_argument(
+        "--no-importance", action="store_true", help="ablation: saliency without rank importance"
+    )
+    g = p.add_argument_group("optimisation and run")
+    g.add_argument("--steps", type=int, default=200)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--eval-interval", type=int, default=20)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "native"])
+    g.add_argument("--output-dir", default=DEFAULT_TRAIN_DIR)
+    g.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    g.add_argument("--no-progress", action="store_true")
+
+
+# ---------------------------------------------------------------- quality, bench
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from . import quality
+
+    _set_threads(args.threads)
+    return quality.run(args)
+
+
+def _repo_root() -> Path | None:
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "bench" / "__init__.py").is_file() else None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    root = _repo_root()
+    if root is None:
+        print(
+            "drlora bench: the bench package ships with the repository checkout, not the installed wheel",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=root)
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="drlora",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the end-to-end example")
+
+    demo = sub.add_parser("demo", help="the main job end to end with embedded defaults (make demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--run-dir",
+        default=None,
+        help=f"default {DEFAULT_DEMO_DIR} ({DEFAULT_DEMO_DIR}-tiny with --tiny)",
+    )
+    demo.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a seconds-long version (tiny model, few steps) for tests",
+    )
+    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    train = sub.add_parser("train", help="fine-tune with DR-LoRA / LoRA / masked DR-LoRA")
+    _add_train_args(train)
+    train.set_defaults(func=_train)
+
+    quality = sub.add_parser(
+        "quality", help="quality study: DR-LoRA vs LoRA over architectures, corpora, seeds"
+    )
+    from .quality import add_arguments
+
+    add_arguments(quality)
+    quality.add_argument("--threads", type=int, default=None)
+    quality.set_defaults(func=_quality)
+
+    bench = sub.add_parser(
+        "bench", help="run the throughput harness (python -m bench ...)", add_help=False
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
+    return parser, {"demo": demo, "train": train, "quality": quality, "bench": bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, subs = build_parser()
+    if argv and argv[0] == "bench":  # forward everything, including -h, to the harness
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
+    if argv[:1] == ["train"]:
+        try:
+            args = _apply_config_file(parser, subs["train"], argv)
+        except (OSError, ValueError) as exc:
+            print(f"drlora train: error in --config: {exc}", file=sys.stderr)
+            return 2
+    else:
+        args = parser.parse_args(argv)
     return args.func(args)
+
+
+__all__ = ["build_parser", "main"]

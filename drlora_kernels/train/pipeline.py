@@ -1,0 +1,345 @@
+"""The main job, end to end: pre-train a tiny MoE, fine-tune it three ways, report.
+
+:func:`run_comparison` is shared by ``drlora demo`` (the embedded defaults of
+:class:`RunSpec`), ``drlora train`` (user flags) and ``drlora quality`` (many
+small runs). Steps:
+
+1. load the pre-training and target corpora (local files, see :mod:`.data`);
+2. pre-train the base MoE on the first, or reuse the checkpoint cached in
+   ``<run_dir>/pretrained`` when its recorded settings match; a user-given local
+   model (``RunSpec.model_path``) is used as is;
+3. fine-tune a fresh copy of the base model on the target corpus once per
+   method (uniform LoRA, DR-LoRA, masked DR-LoRA) at the same rank budget;
+4. check that the masked path gives DR-LoRA's outputs (same model, both computations);
+5. write ``results.json``, ``summary.txt``, ``loss_curves.png``, ``ranks_heatmap.png``
+   and the adapters (``adapters/<method>``) into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import DRLoRAConfig
+from . import data as data_mod
+from . import loop, models, report
+
+PRETRAIN_META = "pretrain.json"
+
+
+@dataclass
+class RunSpec:
+    """Everything a comparison run needs. The defaults are the demo's (``make demo``)."""
+
+    arch: str = "olmoe"
+    size: str = "small"
+    model_path: str | None = (
+        None  # a local checkpoint instead of a model built and pre-trained here
+    )
+    pretrain_corpus: str = "stdlib"
+    target_corpus: str = "licenses"
+    target_paths: tuple[str, ...] = ()  # user files/directories instead of target_corpus
+    corpus_bytes: int = 4_000_000
+    methods: tuple[str, ...] = ("lora", "drlora", "masked")
+    pretrain: loop.PretrainConfig = field(default_factory=loop.PretrainConfig)
+    finetune: loop.FinetuneConfig = field(default_factory=loop.FinetuneConfig)
+    device: str = "cpu"
+    dtype: str = "fp32"
+    save_adapters: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in loop.METHODS]
+        if bad or not self.methods:
+            raise ValueError(
+                f"methods must be a non-empty subset of {loop.METHODS}, got {self.methods}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def demo_spec(*, tiny: bool = False, seed: int = 0) -> RunSpec:
+    """The embedded default run of ``drlora demo`` (``tiny=True``: the seconds-long test version).
+
+    Demo scale: ~7.5 M parameters (OLMoE-style, 8 experts, top-2, 4 layers), 300
+    pre-training steps of 16 x 128 bytes, 200 fine-tuning steps of 8 x 128 bytes,
+    ranks 4 -> 8 (r_max 16); growth every 20 steps from step 10, none in the last 20,
+    ``p_grow`` 0.25 (the paper's 0.1 allows one rank per event at this r_max).
+    """
+    drl = DRLoRAConfig(
+        r_init=4,
+        r_target=8,
+        r_max=16,
+        grow_every=20,
+        warmup_steps=10,
+        buffer_steps=20,
+        p_grow=0.25,
+        seed=seed,
+    )
+    spec = RunSpec(
+        pretrain=loop.PretrainConfig(steps=300, batch_size=16, seq_len=128, seed=seed),
+        finetune=loop.FinetuneConfig(
+            steps=200, batch_size=8, seq_len=128, eval_interval=20, seed=seed, drlora=drl
+        ),
+    )
+    if tiny:
+        drl = dataclasses.replace(
+            drl, r_init=2, r_target=4, r_max=8, grow_every=3, warmup_steps=2, buffer_steps=2
+        )
+        spec = dataclasses.replace(
+            spec,
+            size="tiny",
+            corpus_bytes=300_000,
+            pretrain=loop.PretrainConfig(steps=8, batch_size=4, seq_len=32, seed=seed),
+            finetune=loop.FinetuneConfig(
+                steps=12,
+                batch_size=4,
+                seq_len=32,
+                eval_interval=4,
+                eval_batch_size=16,
+                seed=seed,
+                drlora=drl,
+            ),
+        )
+    return spec
+
+
+# ---------------------------------------------------------------- the base model
+
+
+def _pretrain_key(spec: RunSpec, corpus: data_mod.Corpus) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "arch": spec.arch,
+        "size": spec.size,
+        "pretrain": spec.pretrain.to_dict(),
+        "corpus": {
+            "name": corpus.name,
+            "source": corpus.source,
+            "bytes": corpus.num_bytes,
+            "files": len(corpus.files),
+        },
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def base_model(
+    spec: RunSpec, run_dir: Path, *, progress: bool = True, log=print
+) -> tuple[str, dict[str, Any]]:
+    """The directory of the base model to fine-tune, and its pre-training record.
+
+    Pre-trains and caches in ``run_dir / "pretrained"`` unless a checkpoint with
+    the same settings is already there (or ``spec.model_path`` is given).
+    """
+    if spec.model_path is not None:
+        return spec.model_path, {"source": "user checkpoint", "path": spec.model_path}
+    corpus = data_mod.load_corpus(spec.pretrain_corpus, max_bytes=spec.corpus_bytes)
+    key = _pretrain_key(spec, corpus)
+    out = run_dir / "pretrained"
+    meta_path = out / PRETRAIN_META
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            log(f"reusing the pre-trained model in {out} (delete it to pre-train again)")
+            return str(out), {**meta, "cached": True}
+        log(f"settings changed since {out} was pre-trained: pre-training again")
+    blocks = data_mod.make_blocks(corpus, spec.pretrain.seq_len)
+    model = models.build_model(
+        spec.arch, spec.size, seed=spec.pretrain.seed, dtype=DTYPES[spec.dtype]
+    ).to(spec.device)
+    log(
+        f"pre-training {spec.arch}/{spec.size} ({models.count_parameters(model) / 1e6:.2f} M parameters) on "
+        f"{corpus.name} ({corpus.source}, {corpus.num_bytes / 1e6:.2f} MB, {len(corpus.files)} files)"
+    )
+    t0 = time.perf_counter()
+    curve = loop.pretrain(model, blocks.train, spec.pretrain, device=spec.device, progress=progress)
+    seconds = time.perf_counter() - t0
+    eval_loss = loop.evaluate(model, blocks.eval, device=spec.device)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    meta = {
+        "key": key,
+        "parameters": models.count_parameters(model),
+        "seconds": seconds,
+        "final_train_loss": curve[-1][1],
+        "eval_loss": eval_loss,
+        "curve": curve[:: max(1, len(curve) // 100)],
+    }
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"pre-trained in {seconds:.0f} s: held-out loss on {corpus.name} {eval_loss:.3f}")
+    return str(out), {**meta, "cached": False}
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def target_blocks(spec: RunSpec, tokenizer=None) -> tuple[data_mod.Corpus, data_mod.TokenBlocks]:
+    """The fine-tuning corpus and its train/held-out blocks."""
+    if spec.target_paths:
+        corpus = data_mod.load_text_files(list(spec.target_paths), max_bytes=spec.corpus_bytes)
+    else:
+        corpus = data_mod.load_corpus(spec.target_corpus, max_bytes=spec.corpus_bytes)
+    return corpus, data_mod.make_blocks(corpus, spec.finetune.seq_len, tokenizer=tokenizer)
+
+
+def _load_tokenizer(spec: RunSpec):
+    """A user checkpoint's own tokenizer; the models built here use byte tokens (``None``)."""
+    if spec.model_path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.model_path, local_files_only=True)
+    except (OSError, ValueError):
+        return None  # no tokenizer saved with the checkpoint: byte tokens (models pre-trained here)
+
+
+@torch.no_grad()
+def masked_equals_variable_rank(handle, batch: torch.Tensor) -> float:
+    """Max |logits(masked r_max) - logits(variable rank)| of the same model on ``batch``."""
+    from .masked import MaskedGroupedLoRALinear
+
+    model = handle.model
+    was_training = model.training
+    model.eval()
+    pools = [p for layer in handle.pools for p in layer]
+    classes = [type(p) for p in pools]
+    try:
+        for p in pools:
+            p.__class__ = MaskedGroupedLoRALinear.__mro__[1]  # the variable-rank GroupedLoRALinear
+        ref = model(input_ids=batch[:, :-1]).logits.float()
+        for p in pools:
+            p.__class__ = MaskedGroupedLoRALinear
+        masked = model(input_ids=batch[:, :-1]).logits.float()
+    finally:
+        for p, c in zip(pools, classes):
+            p.__class__ = c
+        model.train(was_training)
+    return (masked - ref).abs().max().item()
+
+
+def run_comparison(
+    spec: RunSpec, run_dir: str | os.PathLike, *, progress: bool = True, log=print
+) -> dict[str, Any]:
+    """Run the whole job described by ``spec`` and write its outputs into ``run_dir``.
+
+    Returns the ``results.json`` payload (per-method records without live objects).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(spec.finetune.seed)
+    path, pre = base_model(spec, run_dir, progress=progress, log=log)
+    tokenizer = _load_tokenizer(spec)
+    corpus, blocks = target_blocks(spec, tokenizer)
+    log(
+        f"fine-tuning on {corpus.name} ({corpus.source}, {corpus.num_bytes / 1e6:.2f} MB): "
+        f"{blocks.train.shape[0]} train / {blocks.eval.shape[0]} held-out blocks of {blocks.seq_len} tokens"
+    )
+    dtype = DTYPES[spec.dtype]
+    results: dict[str, dict[str, Any]] = {}
+    checks: dict[str, Any] = {}
+    for method in spec.methods:
+        model = models.load_model(path, dtype=dtype, device=spec.device)
+        cfg = dataclasses.replace(spec.finetune, method=method)
+        rec = loop.finetune(
+            model, blocks.train, blocks.eval, cfg, device=spec.device, progress=progress
+        )
+        handle = rec.pop("handle")
+        if method == "drlora":
+            checks["masked_vs_drlora_max_abs_logit_diff"] = masked_equals_variable_rank(
+                handle, blocks.eval[: min(4, blocks.eval.shape[0])].to(spec.device)
+            )
+        if spec.save_adapters:
+            from ..integrations.checkpoint import save_drlora
+
+            save_drlora(handle, run_dir / "adapters" / method)
+        results[method] = rec
+        del model, handle
+    if "drlora" in results and "masked" in results:
+        d, m = results["drlora"], results["masked"]
+        checks["masked_same_final_ranks"] = d["rank_stats"]["ranks"] == m["rank_stats"]["ranks"]
+        checks["masked_same_growth_decisions"] = _decisions(d) == _decisions(m)
+        checks["masked_vs_drlora_eval_loss_diff"] = abs(d["eval_loss"] - m["eval_loss"])
+
+    payload = {
+        "spec": _spec_dict(spec),
+        "environment": _environment(spec),
+        "pretraining": {k: v for k, v in pre.items() if k != "curve"},
+        "target_corpus": {
+            "name": corpus.name,
+            "source": corpus.source,
+            "bytes": corpus.num_bytes,
+            "files": len(corpus.files),
+        },
+        "methods": results,
+        "checks": checks,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    table = report.format_table(results)
+    summary = [table, ""]
+    if checks:
+        summary.append("checks: " + ", ".join(f"{k}={_short(v)}" for k, v in checks.items()))
+    kind = next(iter(results.values()))["peak_memory_kind"]
+    summary.append(
+        f"peak mem = {kind}; tokens/s = training tokens / wall time of the training steps"
+    )
+    (run_dir / "summary.txt").write_text("\n".join(summary) + "\n")
+    report.write_json(run_dir / "results.json", payload)
+    if spec.plots:
+        title = f"{spec.arch}/{spec.size}: fine-tuning on {corpus.name}"
+        report.plot_loss_curves(results, run_dir / "loss_curves.png", title=title)
+        dyn = results.get("drlora") or results.get("masked")
+        if dyn is not None:
+            report.plot_rank_heatmap(dyn["rank_stats"], run_dir / "ranks_heatmap.png",
+                                     title=f"DR-LoRA final ranks ({corpus.name})")  # fmt: skip
+    return payload
+
+
+def _decisions(record: dict[str, Any]) -> list[tuple]:
+    """The growth decisions of a run (step, layer, module, old -> new rank), without the saliency floats."""
+    return [
+        (ev["step"], ev["layer"], ev["module"], ev["old_rank"], ev["new_rank"])
+        for step in record["growth_events"]
+        for ev in step["events"]
+    ]
+
+
+def _short(v: Any) -> str:
+    return f"{v:.2e}" if isinstance(v, float) else str(v)
+
+
+def _spec_dict(spec: RunSpec) -> dict[str, Any]:
+    d = dataclasses.asdict(spec)
+    d["finetune"] = spec.finetune.to_dict()
+    return d
+
+
+def _environment(spec: RunSpec) -> dict[str, Any]:
+    import transformers
+
+    from ..ops import resolve_backend
+
+    device = torch.device(spec.device)
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
+        "backend": resolve_backend(spec.finetune.drlora.backend, device),
+    }

@@ -1,0 +1,206 @@
+"""The ``drlora`` CLI and the demo pipeline, end to end on a tiny setting (seconds, CPU).
+
+The tiny demo pre-trains a ~50 k-parameter OLMoE-style model for a few steps and
+fine-tunes it three ways; the tests check what the run leaves behind, the
+budget and masked-path invariants, and that the same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from drlora_kernels.cli import _apply_config_file, _read_config_file, build_parser, main
+from drlora_kernels.layers import GroupedLoRALinear
+from drlora_kernels.ops import route_tokens
+from drlora_kernels.train import data
+from drlora_kernels.train.masked import MaskedGroupedLoRALinear, use_masked_compute
+from drlora_kernels.train.pipeline import demo_spec
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops are fastest (and timing-stable) on one thread; restore torch's setting afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _run_demo(run_dir: Path, seed: int = 0) -> dict:
+    rc = main(
+        [
+            "demo",
+            "--tiny",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--threads",
+            "1",
+            "--seed",
+            str(seed),
+        ]
+    )
+    assert rc == 0
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    before = torch.get_num_threads()
+    run_dir = tmp_path_factory.mktemp("demo")
+    try:
+        return run_dir, _run_demo(run_dir)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_demo_writes_results_and_plots(tiny_run):
+    run_dir, res = tiny_run
+    assert set(res["methods"]) == {"lora", "drlora", "masked"}
+    spec = demo_spec(tiny=True)
+    for name, rec in res["methods"].items():
+        assert math.isfinite(rec["eval_loss"]) and rec["perplexity"] == pytest.approx(
+            math.exp(rec["eval_loss"])
+        )
+        assert rec["eval_curve"][0][0] == 0 and rec["eval_curve"][-1][0] == spec.finetune.steps
+        assert [s for s, _ in rec["train_curve"]] == list(range(1, spec.finetune.steps + 1))
+        assert rec["tokens_per_second"] > 0 and rec["peak_memory_bytes"] > 0, name
+    for png in ("loss_curves.png", "ranks_heatmap.png"):
+        assert (run_dir / png).read_bytes()[:8] == PNG_MAGIC
+    assert (run_dir / "summary.txt").read_text().startswith("method")
+    for method in res["methods"]:
+        assert (run_dir / "adapters" / method / "drlora_config.json").is_file()
+    pre = res["pretraining"]
+    assert pre["cached"] is False and math.isfinite(pre["eval_loss"])
+
+
+def test_demo_same_rank_budget(tiny_run):
+    _, res = tiny_run
+    r_target = demo_spec(tiny=True).finetune.drlora.r_target
+    lora, dyn = res["methods"]["lora"]["rank_stats"], res["methods"]["drlora"]["rank_stats"]
+    assert {r for layer in lora["ranks"] for pool in layer for r in pool} == {r_target}
+    # Every layer ends with exactly M * r_target ranks (SPEC Eq. 4), and growth made them uneven.
+    assert dyn["per_layer_total"] == lora["per_layer_total"]
+    assert dyn["max"] > r_target > dyn["min"] or dyn["std"] > 0
+    assert res["methods"]["drlora"]["growth_events"], "the tiny schedule must have growth events"
+
+
+def test_demo_masked_path_matches_variable_rank(tiny_run):
+    _, res = tiny_run
+    checks = res["checks"]
+    assert checks["masked_vs_drlora_max_abs_logit_diff"] < 1e-4
+    assert checks["masked_same_final_ranks"] and checks["masked_same_growth_decisions"]
+    assert checks["masked_vs_drlora_eval_loss_diff"] < 1e-4
+
+
+def test_demo_reuses_pretrained_checkpoint_and_is_reproducible(tiny_run, tmp_path, one_thread):
+    run_dir, first = tiny_run
+    again = _run_demo(tmp_path / "again")  # pre-trains again from scratch in a new directory
+    for name, rec in first["methods"].items():
+        other = again["methods"][name]
+        assert other["train_curve"] == rec["train_curve"], name
+        assert other["eval_curve"] == rec["eval_curve"], name
+        assert other["rank_stats"]["ranks"] == rec["rank_stats"]["ranks"], name
+    cached = _run_demo(run_dir)
+    assert cached["pretraining"]["cached"] is True
+    assert cached["methods"]["drlora"]["eval_curve"] == first["methods"]["drlora"]["eval_curve"]
+
+
+def test_demo_other_seed_differs(tmp_path, one_thread):
+    spec0, spec1 = demo_spec(tiny=True, seed=0), demo_spec(tiny=True, seed=1)
+    assert (
+        spec0.finetune.seed != spec1.finetune.seed
+        and spec0.finetune.drlora.seed != spec1.finetune.drlora.seed
+    )
+    blocks = data.make_blocks(data.load_corpus("licenses", max_bytes=100_000), 32)
+    b0 = next(data.train_batches(blocks.train, 4, 1, seed=0))
+    b1 = next(data.train_batches(blocks.train, 4, 1, seed=1))
+    assert not torch.equal(b0, b1)
+
+
+# ---------------------------------------------------------------- masked computation
+
+
+def test_masked_pool_equals_variable_rank_pool():
+    E, K, N, R = 5, 24, 20, 8
+    gen = torch.Generator().manual_seed(3)
+    pool = GroupedLoRALinear(E, K, N, R, 2, r_target=4, generator=gen)
+    with torch.no_grad():
+        pool.lora_B.normal_(generator=gen)  # non-zero B so the LoRA path shows
+    pool.grow([0, 3], [6, 1], generator=gen)
+    pool.ranks[4] = 0  # an expert with rank 0
+    masked = GroupedLoRALinear(E, K, N, R, 2, r_target=4)
+    masked.load_state_dict(pool.state_dict())
+    assert use_masked_compute([[masked]]) == 1 and isinstance(masked, MaskedGroupedLoRALinear)
+
+    idx = torch.randint(0, E, (40, 2), generator=gen)
+    routing = route_tokens(idx, torch.rand(40, 2, generator=gen), E)
+    x = torch.randn(80, K, generator=gen)
+    w = torch.randn(E, N, K, generator=gen)
+    grad = torch.randn(80, N, generator=gen)
+    outs = []
+    for p in (pool, masked):
+        p.zero_grad()
+        y = p(x, routing.offsets, w)
+        y.backward(grad)
+        outs.append((y.detach(), p.lora_A.grad.clone(), p.lora_B.grad.clone()))
+    (y0, ga0, gb0), (y1, ga1, gb1) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga1, ga0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb1, gb0, rtol=1e-5, atol=1e-5)
+    inactive = ~pool.active_mask()
+    assert ga1[inactive].abs().max() == 0 and gb1.transpose(1, 2)[inactive].abs().max() == 0
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_blocks_split_and_batches_are_deterministic():
+    corpus = data.Corpus("t", "test", ("a", "b"), (b"hello world " * 40, b"second doc " * 40))
+    blocks = data.make_blocks(corpus, 15, eval_every=4)
+    assert blocks.train.shape[1] == blocks.eval.shape[1] == 16
+    assert blocks.train.shape[0] + blocks.eval.shape[0] == (480 + 440 + 2) // 16
+    assert (blocks.train == data.EOS_ID).sum() + (blocks.eval == data.EOS_ID).sum() >= 1
+    a = list(data.train_batches(blocks.train, 3, 7, seed=5))
+    b = list(data.train_batches(blocks.train, 3, 7, seed=5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 7
+    assert data.decode(data.encode("héllo")) == "héllo"
+
+
+def test_bad_corpus_and_data_paths_raise():
+    with pytest.raises(ValueError, match="corpus must be one of"):
+        data.load_corpus("nope")
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_text_files(["/definitely/not/here"])
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def test_train_config_file_sets_defaults_and_flags_win(tmp_path):
+    cfg = tmp_path / "run.cfg"
+    cfg.write_text(
+        "# a run\nr-init = 2\nr_target = 6\nmethod = drlora, lora\nno-importance = true\nsteps = 50\n"
+    )
+    assert _read_config_file(str(cfg))["r_target"] == "6"
+    parser, subs = build_parser()
+    args = _apply_config_file(
+        parser, subs["train"], ["train", "--config", str(cfg), "--steps", "70"]
+    )
+    assert (args.r_init, args.r_target, args.steps, args.no_importance) == (2, 6, 70, True)
+    assert args.method == ["drlora", "lora"]
+
+
+def test_train_rejects_bad_config_and_model(tmp_path, capsys):
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text("learning_rate_typo = 3\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "learning_rate_typo" in capsys.readouterr().err
+    assert main(["train", "--model", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "--model" in capsys.readouterr().err
