@@ -63,7 +63,8 @@ def tiny_config(model_type: str, **overrides):
         if hasattr(default, "qk_rope_head_dim"):  # MLA: head_dim follows the rope/nope split
             sizes.pop("head_dim", None)
         layer_types = getattr(default, "layer_types", None)
-        if layer_types:
+        settable = not isinstance(getattr(type(default), "layer_types", None), property)
+        if layer_types and settable:
             sizes["layer_types"] = list(layer_types[: sizes["num_hidden_layers"]])
         return AutoConfig.for_model(model_type, **{**sizes, **overrides})
 
