@@ -44,6 +44,8 @@ except ImportError as exc:  # triton missing: the backend reports itself unavail
 
 NAME = "triton"
 DEVICE_TYPES = ("cpu", "cuda")
+#: fp64 inputs run with fp64 accumulation (u and gradients in fp64; importance in fp32).
+SUPPORTS_FP64 = True
 
 #: ``tl.dot`` input precision for fp32 operands. ``None`` follows
 #: ``torch.get_float32_matmul_precision()`` ("highest" -> IEEE fp32, else TF32). Tests set False.
