@@ -131,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     runs: list[dict[str, Any]] = []
     results_path = out / "quality.json"
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("func", "command", "no_progress", "threads")
+    }
     t0 = time.perf_counter()
     for arch in args.archs:
         for seed in args.seeds:
@@ -170,13 +175,13 @@ def run(args: argparse.Namespace) -> int:
                         f"{arch:>9} {corpus:>10} seed {seed} {variant:>13}: held-out loss {rec['eval_loss']:.4f}"
                     )
                     results_path.write_text(
-                        json.dumps({"args": vars(args), "runs": runs}, indent=1) + "\n"
+                        json.dumps({"args": settings, "runs": runs}, indent=1) + "\n"
                     )
     table = summarize(runs, list(args.variants))
     cmd = "drlora quality " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items()
-        if k not in ("func", "command", "no_progress", "threads", "output_dir")
+        for k, v in settings.items()
+        if k != "output_dir"
     )
     header = f"# DR-LoRA vs LoRA quality study\n\nCommand: `{cmd}`\n\nWall time: {time.perf_counter() - t0:.0f} s.\n\n"
     (out / "quality.md").write_text(header + table + "\n")

@@ -126,7 +126,12 @@ def plot_rank_heatmap(rank_stats: dict[str, Any], path: str | os.PathLike, title
     L, P, E = ranks.shape
     names = rank_stats.get("projections", [[f"pool {p}" for p in range(P)]])[0]
     fig, axes = plt.subplots(
-        1, P, figsize=(1.2 + 0.55 * E * P, 1.4 + 0.45 * L), dpi=110, squeeze=False
+        1,
+        P,
+        figsize=(1.6 + 0.6 * E * P, 1.6 + 0.5 * L),
+        dpi=110,
+        squeeze=False,
+        layout="constrained",
     )
     vmin, vmax = int(ranks.min()), int(ranks.max())
     for p in range(P):
@@ -137,13 +142,14 @@ def plot_rank_heatmap(rank_stats: dict[str, Any], path: str | os.PathLike, title
                 v = ranks[layer, p, e]
                 ax.text(e, layer, str(v), ha="center", va="center", fontsize=7,
                         color="white" if v < (vmin + vmax) / 2 else "black")  # fmt: skip
-        ax.set_title(names[p] if p < len(names) else f"pool {p}")
+        ax.set_title(names[p] if p < len(names) else f"pool {p}", fontsize=10)
         ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
+        if p == 0:
+            ax.set_ylabel("layer")
         ax.set_xticks(range(E))
         ax.set_yticks(range(L))
     fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.9, label="active rank")
     fig.suptitle(title or "DR-LoRA final ranks")
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path)
     plt.close(fig)
     return True
