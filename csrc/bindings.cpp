@@ -22,20 +22,20 @@ struct Sizes {
 };
 
 // ranks [E], offsets [E+1], scale [E] (optional): dtype, shape, device, values.
-void check_groups(const at::Tensor& ranks, const at::Tensor& offsets, const at::Tensor* scale,
-                  const at::Tensor& ref, int64_t E, int64_t R, int64_t T) {
+void check_groups(const at::Tensor& ranks, const at::Tensor& offsets, const at::Tensor* scale_ptr,
+                  const at::Tensor& ref, const char* ref_name, int64_t E, int64_t R, int64_t T) {
   DRLORA_CHECK_DTYPE(ranks, DRLORA_INDEX_DTYPES);
   DRLORA_CHECK_DTYPE(offsets, DRLORA_INDEX_DTYPES);
   DRLORA_CHECK_SHAPE(ranks, "[E]", E);
   DRLORA_CHECK_SHAPE(offsets, "[E+1]", E + 1);
-  DRLORA_CHECK_DEVICE(ranks, ref);
-  DRLORA_CHECK_DEVICE(offsets, ref);
-  if (scale != nullptr) {
-    const at::Tensor& s = *scale;
-    DRLORA_CHECK_DTYPE(s, at::kFloat);
-    DRLORA_CHECK_SHAPE(s, "[E]", E);
-    DRLORA_CHECK_DEVICE(s, ref);
-    DRLORA_CHECK_CONTIGUOUS(s);
+  checks::check_same_device(ranks, "ranks", ref, ref_name);
+  checks::check_same_device(offsets, "offsets", ref, ref_name);
+  if (scale_ptr != nullptr) {
+    const at::Tensor& scale = *scale_ptr;  // named so that the messages say "scale"
+    DRLORA_CHECK_DTYPE(scale, at::kFloat);
+    DRLORA_CHECK_SHAPE(scale, "[E]", E);
+    checks::check_same_device(scale, "scale", ref, ref_name);
+    DRLORA_CHECK_CONTIGUOUS(scale);
   }
   DRLORA_CHECK_RANKS(ranks, R);
   DRLORA_CHECK_OFFSETS(offsets, T);
@@ -53,8 +53,10 @@ void check_device_supported(const at::Tensor& x, const char* name = "x") {
   DRLORA_CHECK(ok, name, " is on ", x.device(), ", the native extension supports ", built);
 #ifdef DRLORA_WITH_CUDA
   if (x.is_cuda()) {
-    DRLORA_CHECK(x.scalar_type() != at::kDouble, name,
-                 " has dtype float64: the native CUDA kernels support float32, bfloat16, float16");
+    if (x.scalar_type() == at::kDouble) {
+      throw pybind11::type_error(c10::str(name, " has dtype float64: the native CUDA kernels "
+                                          "support float32, bfloat16, float16"));
+    }
   }
 #endif
 }
@@ -77,11 +79,13 @@ Sizes check_problem(const at::Tensor& x, const at::Tensor& lora_a, const at::Ten
   DRLORA_CHECK_CONTIGUOUS(lora_a);
   DRLORA_CHECK_CONTIGUOUS(lora_b);
   if (w.has_value()) {
-    const at::Tensor& wt = *w;
-    DRLORA_CHECK_SHAPE(wt, "[E, N, K]", s.E, s.N, s.K);
-    DRLORA_CHECK_SAME_DTYPE(wt, x);
-    DRLORA_CHECK_DEVICE(wt, x);
-    DRLORA_CHECK_CONTIGUOUS(wt);
+    checks::check_shape(*w, "w", {s.E, s.N, s.K}, "[E, N, K]");
+    if (w->scalar_type() != x.scalar_type()) {
+      throw pybind11::type_error(c10::str("w has dtype ", w->scalar_type(), " but x has ",
+                                          x.scalar_type(), "; they must match"));
+    }
+    checks::check_same_device(*w, "w", x, "x");
+    checks::check_contiguous(*w, "w");
   }
   check_device_supported(x);
   return s;
@@ -113,7 +117,7 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tenso
   DRLORA_CHECK_CONTIGUOUS(x);
   DRLORA_CHECK_CONTIGUOUS(lora_a);
   check_device_supported(x);
-  check_groups(ranks, offsets, nullptr, x, E, R, T);
+  check_groups(ranks, offsets, nullptr, x, "x", E, R, T);
   pybind11::gil_scoped_release nogil;
 #ifdef DRLORA_WITH_CUDA
   if (x.is_cuda()) return cuda::shrink(x, lora_a, ranks, offsets);
@@ -131,7 +135,7 @@ at::Tensor expand(const at::Tensor& u, const at::Tensor& lora_b, const at::Tenso
   check_u(u, lora_b, "lora_b", T, R);
   DRLORA_CHECK_CONTIGUOUS(lora_b);
   check_device_supported(lora_b, "lora_b");
-  check_groups(ranks, offsets, &scale, u, E, R, T);
+  check_groups(ranks, offsets, &scale, u, "u", E, R, T);
   pybind11::gil_scoped_release nogil;
 #ifdef DRLORA_WITH_CUDA
   if (u.is_cuda()) return cuda::expand(u, lora_b, ranks, offsets, scale);
@@ -144,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optio
                                            const at::Tensor& ranks, const at::Tensor& offsets,
                                            const at::Tensor& scale) {
   const Sizes s = check_problem(x, lora_a, lora_b, w);
-  check_groups(ranks, offsets, &scale, x, s.E, s.R, s.T);
+  check_groups(ranks, offsets, &scale, x, "x", s.E, s.R, s.T);
   pybind11::gil_scoped_release nogil;
 #ifdef DRLORA_WITH_CUDA
   if (x.is_cuda()) return cuda::forward(x, w, lora_a, lora_b, ranks, offsets, scale);
@@ -163,7 +167,7 @@ BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
   DRLORA_CHECK_DEVICE(grad_y, x);
   DRLORA_CHECK_CONTIGUOUS(grad_y);
   check_u(u, x, "x", s.T, s.R);
-  check_groups(ranks, offsets, &scale, x, s.E, s.R, s.T);
+  check_groups(ranks, offsets, &scale, x, "x", s.E, s.R, s.T);
   DRLORA_CHECK(!need_w || w.has_value(), "need_w is true but w is None");
   pybind11::gil_scoped_release nogil;
 #ifdef DRLORA_WITH_CUDA

@@ -3,7 +3,7 @@
 // This header needs neither torch nor the CUDA headers: the kernels are written
 // against plain pointers, sizes and a cudaStream_t so that they compile with
 // nvcc alone (the installed torch may be a CPU-only build). The tensor-level
-// layer (csrc/cuda/dispatch.cpp) allocates outputs with torch and calls these.
+// layer (csrc/cuda/dispatch.cpp, namespace drlora::cuda) allocates outputs with torch and calls these.
 //
 // Layouts (all row-major, contiguous):
 //   x [T, K], w [E, N, K], a [E, R, K], b [E, N, R], u/gb [T, R] fp32,
@@ -35,7 +35,7 @@ struct GroupedShape {
   const float* scale;      // [E] device
 };
 
-namespace cuda {
+namespace kernels {
 
 // Every launcher returns a cudaError_t as int (0 == cudaSuccess) so that this
 // header stays free of CUDA includes; error_string() turns it into a message.
@@ -45,17 +45,16 @@ const char* error_string(int code);
 int shrink(DType dtype, const void* x, const void* a, float* u, const GroupedShape& s,
            cudaStream_t stream);
 
-// y[rows_e] = scale[e] * u[rows_e, :r_e] @ b[e, :, :r_e]^T (+ x[rows_e] @ w[e]^T if x and w).
+// y[rows_e] = scale[e] * u[rows_e, :r_e] @ b[e, :, :r_e]^T (+ x[rows_e] @ w[e]^T if w).
 // Pass x = w = nullptr for the pure expand.
 int expand(DType dtype, const float* u, const void* b, const void* x, const void* w, void* y,
            const GroupedShape& s, cudaStream_t stream);
 
-// Gradients of y = x w^T + s (x a^T) b^T. Every output pointer may be null
-// (not requested). gb is an fp32 [T, R] workspace (s * grad_y @ b[:, :r]);
-// it is required when dx, da or imp_a is requested. imp_a / imp_b are fp32
-// [E, R] per-slot sums |a * da| (over K) and |b * db| (over N); they need
-// da / db respectively (pass the fp32 workspaces da_acc / db_acc below when
-// the caller did not ask for the gradient itself).
+// Gradients of y = x w^T + s (x a^T) b^T. Output pointers may be null (not
+// requested). `workspace` holds backward_workspace_floats() floats (gb =
+// s * grad_y @ b[:, :r] and the importance partial sums). imp_a / imp_b are
+// fp32 [E, R] per-slot sums |a * da| (over K) and |b * db| (over N); they are
+// computed from the fp32 accumulators, whether or not da / db are requested.
 struct BackwardArgs {
   const void* grad_y;  // [T, N]
   const void* x;       // [T, K]
@@ -63,15 +62,16 @@ struct BackwardArgs {
   const void* a;       // [E, R, K]
   const void* b;       // [E, N, R]
   const float* u;      // [T, R]
-  float* gb;           // [T, R] workspace
   void* dx;            // [T, K] or null
   void* dw;            // [E, N, K] or null
   void* da;            // [E, R, K] or null
   void* db;            // [E, N, R] or null
-  float* imp_a;        // [E, R] or null (needs da)
-  float* imp_b;        // [E, N] or null (needs db)
+  float* imp_a;        // [E, R] or null
+  float* imp_b;        // [E, R] or null
+  float* workspace;    // backward_workspace_floats(s) floats
 };
+int64_t backward_workspace_floats(const GroupedShape& s);
 int backward(DType dtype, const BackwardArgs& args, const GroupedShape& s, cudaStream_t stream);
 
-}  // namespace cuda
+}  // namespace kernels
 }  // namespace drlora

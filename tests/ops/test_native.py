@@ -1,0 +1,481 @@
+"""The native backend (``drlora_kernels._C``) against the reference, on CPU (and CUDA if present).
+
+Forward and gradients for fp32 / bf16 / fp16 (fp64 for gradcheck), the named
+edge cases, NaN-poisoned inactive slots, the fused importance sums, the custom
+ops under ``opcheck``, and the C++ argument checks. Skipped as a whole when the
+extension is not loaded (e.g. ``DRLORA_DISABLE_NATIVE=1``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drlora_kernels import _native
+from drlora_kernels.ops import get_ops, grouped_lora, grouped_lora_base
+from drlora_kernels.ops import native_impl as native
+from drlora_kernels.ops import reference as ref
+from tests.helpers import assert_close_to_ref, inactive_mask, make_problem, poison_inactive
+
+pytestmark = [
+    pytest.mark.native,
+    pytest.mark.skipif(
+        not _native.HAS_NATIVE, reason=f"native extension: {_native.NOT_LOADED_REASON}"
+    ),
+]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+GRAD_NAMES = ("dx", "dw", "da", "db", "imp_a", "imp_b")
+
+
+def _run_forward(mod, p, with_w, **kw):
+    return mod.forward(
+        p.x, p.w if with_w else None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale, **kw
+    )
+
+
+def _run_backward(mod, p, gy, u, with_w, need_w=False, with_importance=True, **kw):
+    w = p.w if with_w else None
+    return mod.backward(
+        gy, p.x, w, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale,
+        True, need_w and with_w, True, True, with_importance, **kw,
+    )  # fmt: skip
+
+
+def check_against_reference(p, *, with_w: bool, need_w: bool = False) -> None:
+    """Forward, every gradient and the importance sums of native vs the fp32 oracle."""
+    dtype = p.x.dtype
+    y, u = _run_forward(native, p, with_w)
+    y_ref, u_ref = _run_forward(ref, p, with_w)
+    y_lp, _ = _run_forward(ref, p, with_w, upcast=False) if dtype in LOW_PRECISION else (None, None)
+    assert y.dtype == dtype and u.dtype == u_ref.dtype
+    assert_close_to_ref("y", y, y_ref, y_lp, dtype)
+    assert_close_to_ref("u", u, u_ref, None, dtype)
+
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(
+        dtype=dtype, device=y.device
+    )
+    out = _run_backward(native, p, gy, u_ref, with_w, need_w)
+    outs_ref = _run_backward(ref, p, gy, u_ref, with_w, need_w)
+    outs_lp = None
+    if dtype in LOW_PRECISION:  # the oracle computed in the input dtype throughout
+        outs_lp = _run_backward(ref, p, gy, u_ref.to(dtype), with_w, need_w, upcast=False)
+    for i, name in enumerate(GRAD_NAMES):
+        o, r = out[i], outs_ref[i]
+        if r.numel() == 0:
+            assert o.numel() == 0, (
+                f"{name}: not requested, expected an empty tensor, got {tuple(o.shape)}"
+            )
+            continue
+        lp = outs_lp[i] if outs_lp is not None else None
+        assert o.dtype == r.dtype, f"{name}: dtype {o.dtype} != reference {r.dtype}"
+        assert_close_to_ref(name, o, r, lp, dtype)
+
+
+# ---------------------------------------------------------------- forward / backward vs reference
+
+CASES = [
+    pytest.param(dict(E=4, K=32, N=24, R=8, T=40), id="E4-K32-N24-R8"),
+    pytest.param(
+        dict(E=6, K=96, N=80, R=16, T=150, popularity="zipf:1.5"), id="E6-K96-N80-R16-zipf"
+    ),
+    pytest.param(
+        dict(E=5, K=129, N=96, R=12, T=90, popularity="skewed"), id="E5-K129-N96-R12-skewed"
+    ),
+    pytest.param(
+        dict(E=8, K=64, N=129, R=32, T=300, popularity="uniform"), id="E8-K64-N129-R32-rows300"
+    ),
+]
+
+
+@pytest.mark.parametrize("with_w", [False, True], ids=["lora", "base+lora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case, dtype, with_w):
+    check_against_reference(make_problem(**case, dtype=dtype), with_w=with_w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_gradient(dtype):
+    p = make_problem(E=4, K=40, N=24, R=8, T=64, popularity="zipf:1.5", dtype=dtype)
+    check_against_reference(p, with_w=True, need_w=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_both_backward_schedules(threads):
+    """Balanced routing takes the expert-local schedule, one hot expert the two-phase split."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for pop in ("uniform", "one-hot"):
+            p = make_problem(E=8, K=48, N=40, R=16, T=512, popularity=pop)
+            check_against_reference(p, with_w=True, need_w=True)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_shrink_and_expand_match_reference():
+    p = make_problem(E=5, K=96, N=80, R=16, T=120, popularity="zipf:1.5")
+    u = native.shrink(p.x, p.lora_a, p.ranks, p.offsets)
+    u_ref = ref.shrink(p.x, p.lora_a, p.ranks, p.offsets)
+    assert_close_to_ref("u", u, u_ref, None, torch.float32)
+    y = native.expand(u_ref, p.lora_b, p.ranks, p.offsets, p.scale)
+    assert_close_to_ref(
+        "y", y, ref.expand(u_ref, p.lora_b, p.ranks, p.offsets, p.scale), None, torch.float32
+    )
+
+
+def test_autograd_through_public_api():
+    p = make_problem(E=4, K=48, N=40, R=8, T=60, popularity="zipf:1.5")
+    grads = {}
+    for backend in ("native", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.w, p.lora_a, p.lora_b)]
+        x, w, a, b = leaves
+        y = grouped_lora_base(x, w, a, b, p.ranks, p.offsets, p.scale, backend=backend)
+        y2 = grouped_lora(x, a, b, p.ranks, p.offsets, 0.5, backend=backend)
+        ((y * y).sum() + y2.sum()).backward()
+        grads[backend] = [y.detach()] + [t.grad for t in leaves]
+    for name, o, r in zip(("y", "dx", "dw", "da", "db"), grads["native"], grads["reference"]):
+        assert_close_to_ref(name, o, r, None, torch.float32)
+
+
+# ---------------------------------------------------------------- named edge cases
+
+
+def test_empty_experts():
+    check_against_reference(
+        make_problem(E=6, K=32, N=24, R=8, group_sizes=[0, 7, 0, 0, 5, 0]), with_w=True
+    )
+
+
+def test_all_tokens_one_expert():
+    check_against_reference(
+        make_problem(E=5, K=32, N=24, R=8, group_sizes=[0, 0, 37, 0, 0]), with_w=True
+    )
+
+
+def test_rank_zero_everywhere():
+    check_against_reference(make_problem(E=4, K=32, N=24, R=8, ranks=[0, 0, 0, 0]), with_w=False)
+    check_against_reference(make_problem(E=4, K=32, N=24, R=8, ranks=[0, 0, 0, 0]), with_w=True)
+
+
+def test_rank_r_max_everywhere():
+    check_against_reference(make_problem(E=4, K=32, N=24, R=8, ranks=[8, 8, 8, 8]), with_w=True)
+
+
+def test_zipf_groups():
+    check_against_reference(
+        make_problem(E=16, K=64, N=48, R=16, T=400, popularity="zipf:1.5"), with_w=True
+    )
+
+
+def test_single_token():
+    check_against_reference(make_problem(E=3, K=32, N=24, R=8, group_sizes=[0, 1, 0]), with_w=True)
+
+
+def test_no_tokens():
+    check_against_reference(make_problem(E=3, K=32, N=24, R=8, group_sizes=[0, 0, 0]), with_w=True)
+
+
+@pytest.mark.parametrize("K,N", [(96, 80), (129, 96), (80, 129)], ids=lambda v: str(v))
+def test_non_power_of_two_sizes(K, N):
+    check_against_reference(
+        make_problem(E=4, K=K, N=N, R=12, T=70, popularity="skewed"), with_w=True
+    )
+
+
+# ---------------------------------------------------------------- inactive slots and importance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_poisoned_inactive_slots(dtype):
+    p = poison_inactive(
+        make_problem(E=6, K=48, N=40, R=16, T=90, ranks=[0, 3, 16, 7, 1, 12], dtype=dtype)
+    )
+    y, u = _run_forward(native, p, with_w=True)
+    assert torch.isfinite(y).all() and torch.isfinite(u).all()
+    gy = torch.randn(y.shape).to(dtype)
+    dx, dw, da, db, imp_a, imp_b = _run_backward(native, p, gy, u, with_w=True, need_w=True)
+    for name, t in (
+        ("dx", dx),
+        ("dw", dw),
+        ("da", da),
+        ("db", db),
+        ("imp_a", imp_a),
+        ("imp_b", imp_b),
+    ):
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
+    dead = inactive_mask(p.ranks, 16)
+    assert (da[dead] == 0).all(), "inactive rows of da must be exactly zero"
+    assert (db.transpose(1, 2)[dead] == 0).all(), "inactive columns of db must be exactly zero"
+    assert (imp_a[dead] == 0).all() and (imp_b[dead] == 0).all()
+    assert (u[:, 16:] == 0).all()
+    off = p.offsets.tolist()
+    for e, r in enumerate(p.ranks.tolist()):
+        assert (u[off[e] : off[e + 1], r:] == 0).all(), (
+            f"u columns >= rank of expert {e} must be zero"
+        )
+    check_against_reference(p, with_w=True, need_w=True)
+
+
+def test_importance_matches_slot_importance():
+    p = make_problem(E=5, K=40, N=32, R=12, T=80, popularity="zipf:1.5")
+    _, u = _run_forward(native, p, with_w=False)
+    gy = torch.randn(p.x.shape[0], 32)
+    _, _, da, db, imp_a, imp_b = _run_backward(native, p, gy, u, with_w=False)
+    exp_a, exp_b = ref.slot_importance(p.lora_a, da, p.lora_b, db, p.ranks)
+    torch.testing.assert_close(imp_a, exp_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(imp_b, exp_b, rtol=1e-5, atol=1e-6)
+    # importance without asking for da / db still comes out (and da / db stay empty)
+    out = native.backward(
+        gy,
+        p.x,
+        None,
+        p.lora_a,
+        p.lora_b,
+        u,
+        p.ranks,
+        p.offsets,
+        p.scale,
+        False,
+        False,
+        False,
+        False,
+        True,
+    )
+    assert [t.numel() for t in out[:4]] == [0, 0, 0, 0]
+    torch.testing.assert_close(out[4], exp_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[5], exp_b, rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_never_alias():
+    p = make_problem(E=3, K=16, N=12, R=4, T=20)
+    y, u = _run_forward(native, p, with_w=True)
+    outs = _run_backward(
+        native, p, torch.randn_like(y), u, with_w=True, need_w=False, with_importance=False
+    )
+    ptrs = [
+        t.untyped_storage().data_ptr()
+        for t in (*outs, p.x, p.w, p.lora_a, p.lora_b, u)
+        if t.numel()
+    ]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+# ---------------------------------------------------------------- custom ops, gradcheck
+
+
+def _small():
+    return make_problem(E=4, K=16, N=12, R=8, group_sizes=[3, 0, 5, 2], ranks=[2, 8, 0, 4])
+
+
+@pytest.mark.parametrize("with_w", [False, True], ids=["lora", "base+lora"])
+def test_opcheck_native_ops(with_w):
+    p = _small()
+    ops = get_ops("native")
+    w = p.w.clone().requires_grad_() if with_w else None
+    fwd_args = (
+        p.x.clone().requires_grad_(),
+        w,
+        p.lora_a.clone().requires_grad_(),
+        p.lora_b.clone().requires_grad_(),
+        p.ranks,
+        p.offsets,
+        p.scale,
+    )
+    torch.library.opcheck(torch.ops.drlora.lora_fwd_native.default, fwd_args)
+    _, u = ops["forward"](
+        p.x, p.w if with_w else None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale
+    )
+    gy = torch.randn(p.x.shape[0], 12)
+    bwd_args = (
+        gy,
+        p.x,
+        p.w if with_w else None,
+        p.lora_a,
+        p.lora_b,
+        u,
+        p.ranks,
+        p.offsets,
+        p.scale,
+        True,
+        with_w,
+        True,
+        True,
+        True,
+    )
+    torch.library.opcheck(torch.ops.drlora.lora_bwd_native.default, bwd_args)
+    torch.library.opcheck(
+        torch.ops.drlora.shrink_native.default, (p.x, p.lora_a, p.ranks, p.offsets)
+    )
+    torch.library.opcheck(
+        torch.ops.drlora.expand_native.default, (u, p.lora_b, p.ranks, p.offsets, p.scale)
+    )
+
+
+def test_gradcheck_fp64():
+    p = make_problem(
+        E=3, K=6, N=5, R=4, group_sizes=[3, 0, 4], ranks=[2, 4, 1], dtype=torch.float64
+    )
+    leaves = [t.clone().requires_grad_() for t in (p.x, p.w, p.lora_a, p.lora_b)]
+
+    def f(x, w, a, b):
+        return grouped_lora_base(x, w, a, b, p.ranks, p.offsets, p.scale, backend="native")
+
+    assert torch.autograd.gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------- C++ argument checks
+
+
+def _c_forward(**over):
+    p = make_problem(E=3, K=16, N=12, R=4, T=20)
+    args = dict(
+        x=p.x,
+        w=None,
+        lora_a=p.lora_a,
+        lora_b=p.lora_b,
+        ranks=p.ranks,
+        offsets=p.offsets,
+        scale=p.scale,
+    )
+    args.update(over)
+    return _native._C.forward(**args)
+
+
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(lora_a=torch.randn(3, 4, 15)), ValueError, "lora_a must have shape"),
+        (dict(lora_b=torch.randn(3, 12, 5)), ValueError, "lora_b must have shape"),
+        (dict(x=torch.randn(20, 16).double()), TypeError, "lora_a has dtype"),
+        (dict(x=torch.randn(20, 16).to(torch.int32)), TypeError, "x has dtype"),
+        (dict(x=torch.randn(16, 20).t()), ValueError, "x must be contiguous"),
+        (dict(ranks=torch.tensor([1, 5, 0], dtype=torch.int32)), ValueError, r"ranks\[1\] = 5"),
+        (dict(ranks=torch.tensor([1, -1, 0], dtype=torch.int32)), ValueError, "ranks out of range"),
+        (dict(ranks=torch.tensor([1.0, 2.0, 0.0])), TypeError, "ranks has dtype"),
+        (
+            dict(offsets=torch.tensor([0, 12, 8, 20], dtype=torch.int32)),
+            ValueError,
+            "offsets must be non-decreasing",
+        ),
+        (
+            dict(offsets=torch.tensor([0, 8, 12, 19], dtype=torch.int32)),
+            ValueError,
+            r"offsets\[-1\]",
+        ),
+        (
+            dict(offsets=torch.tensor([0, 8, 20], dtype=torch.int32)),
+            ValueError,
+            "offsets must have shape",
+        ),
+        (dict(scale=torch.ones(4)), ValueError, "scale must have shape"),
+        (dict(w=torch.randn(3, 12, 15)), ValueError, "w must have shape"),
+    ],
+    ids=[
+        "a-shape",
+        "b-shape",
+        "dtype-mismatch",
+        "int-x",
+        "non-contiguous",
+        "rank-too-big",
+        "rank-negative",
+        "float-ranks",
+        "offsets-decreasing",
+        "offsets-total",
+        "offsets-length",
+        "scale-shape",
+        "w-shape",
+    ],
+)
+def test_cpp_checks_name_the_argument(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _c_forward(**over)
+
+
+def test_cpp_backward_checks():
+    p = make_problem(E=3, K=16, N=12, R=4, T=20)
+    _, u = native.forward(p.x, None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        native.backward(
+            torch.randn(20, 11),
+            p.x,
+            None,
+            p.lora_a,
+            p.lora_b,
+            u,
+            p.ranks,
+            p.offsets,
+            p.scale,
+            True,
+            False,
+            True,
+            True,
+            False,
+        )
+    with pytest.raises(TypeError, match="u has dtype"):
+        native.backward(
+            torch.randn(20, 12),
+            p.x,
+            None,
+            p.lora_a,
+            p.lora_b,
+            u.double(),
+            p.ranks,
+            p.offsets,
+            p.scale,
+            True,
+            False,
+            True,
+            True,
+            False,
+        )
+    with pytest.raises(ValueError, match="need_w"):
+        native.backward(
+            torch.randn(20, 12),
+            p.x,
+            None,
+            p.lora_a,
+            p.lora_b,
+            u,
+            p.ranks,
+            p.offsets,
+            p.scale,
+            True,
+            True,
+            True,
+            True,
+            False,
+        )
+
+
+# ---------------------------------------------------------------- CUDA (needs a GPU; untested until one runs them)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _native.HAS_NATIVE_CUDA, reason="native extension built without CUDA")
+@pytest.mark.parametrize("with_w", [False, True], ids=["lora", "base+lora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    CASES + [pytest.param(dict(E=3, K=32, N=24, R=8, group_sizes=[0, 37, 0]), id="one-expert")],
+)
+def test_cuda_matches_reference(case, dtype, with_w):
+    p = make_problem(**case, dtype=dtype, device="cuda")
+    check_against_reference(p, with_w=with_w, need_w=with_w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _native.HAS_NATIVE_CUDA, reason="native extension built without CUDA")
+def test_cuda_nan_poisoned_inactive_slots():
+    p = poison_inactive(
+        make_problem(E=6, K=48, N=40, R=16, T=90, ranks=[0, 3, 16, 7, 1, 12], device="cuda")
+    )
+    y, u = _run_forward(native, p, with_w=True)
+    dx, dw, da, db, imp_a, imp_b = _run_backward(
+        native, p, torch.randn_like(y), u, with_w=True, need_w=True
+    )
+    for t in (y, u, dx, dw, da, db, imp_a, imp_b):
+        assert torch.isfinite(t).all()
+    dead = inactive_mask(p.ranks, 16)
+    assert (da[dead] == 0).all() and (db.transpose(1, 2)[dead] == 0).all()
