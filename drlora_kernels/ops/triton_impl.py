@@ -282,7 +282,7 @@ def _launch_weight_grad(left, right, out, shape, ranks, offsets, scale, *, rank_
         n_part = triton.cdiv(J, BLOCK_J) if rank_axis == 0 else triton.cdiv(I, BLOCK_I)
         R = I if rank_axis == 0 else J
         # every (expert, slot, tile) entry is written by the kernel: no zero-fill needed
-        imp_part = torch.empty(E, R, n_part, dtype=_acc_dtype(dtype), device=out.device)
+        imp_part = torch.empty(E, R, n_part, dtype=_acc_dtype(dtype), device=left.device)
 
     def grid(meta):
         return (E, triton.cdiv(I, BLOCK_I), triton.cdiv(J, BLOCK_J))
