@@ -40,7 +40,9 @@ class CMakeExtension(Extension):
 
 def _git_sha() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True
+        ).strip()
     except Exception:
         return "unknown"
 
@@ -80,6 +82,10 @@ class CMakeBuild(build_ext):
             f"-DDRLORA_CUDA_ARCHS={archs}",
             f"-DDRLORA_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
         ]
+        nvcc = _find_nvcc() if with_cuda else None
+        if nvcc:
+            # point CMake at the nvcc we found (it may not be on PATH, e.g. /usr/local/cuda/bin)
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         if shutil.which("ninja") or _has_module("ninja"):
             args.append("-GNinja")
             if not shutil.which("ninja"):
@@ -91,8 +97,15 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "-S", ext.sourcedir, "-B", str(build_temp), *args], check=True)
         subprocess.run([cmake, "--build", str(build_temp), "--config", cfg, "-j", jobs], check=True)
         info_file = build_temp / "drlora_build_info.txt"
-        info = dict(line.split("=", 1) for line in info_file.read_text().splitlines() if "=" in line)
-        _write_build_meta(built=True, reason="", cmake_info=info, torch_version=torch.__version__)
+        info = dict(
+            line.split("=", 1) for line in info_file.read_text().splitlines() if "=" in line
+        )
+        if nvcc and info.get("WITH_CUDA") != "ON":
+            # nvcc exists but CMake did not enable CUDA: never let that pass silently
+            raise RuntimeError(f"nvcc found at {nvcc} but CMake built without the CUDA kernels")
+        _write_build_meta(
+            built=True, reason="", cmake_info=info, torch_version=torch.__version__, nvcc=nvcc or ""
+        )
         # editable installs look for the extension in the source tree
         if self.inplace or self.editable_mode:
             target = ROOT / "drlora_kernels" / ext_path.name
@@ -108,6 +121,14 @@ def _has_module(name: str) -> bool:
         return False
 
 
+def _find_nvcc() -> str | None:
+    """nvcc from CUDACXX, PATH or the default toolkit location (never a GPU query)."""
+    for cand in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
 def _cmake_exe() -> str:
     found = shutil.which("cmake")
     if found:
@@ -117,7 +138,14 @@ def _cmake_exe() -> str:
     return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
 
 
-def _write_build_meta(*, built: bool, reason: str, cmake_info: dict | None = None, torch_version: str = "") -> None:
+def _write_build_meta(
+    *,
+    built: bool,
+    reason: str,
+    cmake_info: dict | None = None,
+    torch_version: str = "",
+    nvcc: str = "",
+) -> None:
     info = cmake_info or {}
     meta = {
         "native_built": built,
@@ -129,8 +157,15 @@ def _write_build_meta(*, built: bool, reason: str, cmake_info: dict | None = Non
         "torch_at_build": torch_version,
         "git_sha": _git_sha(),
         "build_mode": MODE,
+        # DRLORA_WITH_CUDA=0 is the one explicit way to skip the CUDA sources
+        "cuda_opt_out": os.environ.get("DRLORA_WITH_CUDA", "1") == "0",
+        "nvcc_at_build": nvcc,
     }
-    body = '"""Written by setup.py at build time: what the native build produced."""\n\nBUILD_META = ' + repr(meta) + "\n"
+    body = (
+        '"""Written by setup.py at build time: what the native build produced."""\n\nBUILD_META = '
+        + repr(meta)
+        + "\n"
+    )
     (ROOT / "drlora_kernels" / "_build_meta.py").write_text(body)
 
 

@@ -40,7 +40,10 @@ def _build_meta() -> dict[str, Any]:
 
         return dict(BUILD_META)
     except ImportError:
-        return {"native_built": False, "not_built_reason": "no build metadata (package not installed with setup.py?)"}
+        return {
+            "native_built": False,
+            "not_built_reason": "no build metadata (package not installed with setup.py?)",
+        }
 
 
 def build_info() -> dict[str, Any]:

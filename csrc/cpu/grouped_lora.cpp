@@ -34,6 +34,14 @@ namespace {
 // Rows per row task and output columns per column task. Big enough that a
 // GEMM amortises its call overhead, small enough to balance skewed groups.
 constexpr int64_t kRowBlock = 256;
+
+// Rows per block when `n` rows are cut into blocks of at most `max_rows`, all of
+// (nearly) equal size: 279 rows become 140 + 139, not 256 + a 23-row sliver
+// that re-reads the expert's weights for almost no work.
+int64_t even_block(int64_t n, int64_t max_rows) {
+  const int64_t blocks = std::max<int64_t>(1, (n + max_rows - 1) / max_rows);
+  return (n + blocks - 1) / blocks;
+}
 constexpr int64_t kColBlock = 256;
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -78,8 +86,9 @@ struct ColTask {
 std::vector<RowTask> row_tasks(const Groups& g) {
   std::vector<RowTask> tasks;
   for (int64_t e = 0; e < g.E; ++e) {
-    for (int64_t lo = g.off[e]; lo < g.off[e + 1]; lo += kRowBlock) {
-      tasks.push_back({e, lo, std::min(kRowBlock, g.off[e + 1] - lo)});
+    const int64_t block = even_block(g.rows(e), kRowBlock);
+    for (int64_t lo = g.off[e]; lo < g.off[e + 1]; lo += block) {
+      tasks.push_back({e, lo, std::min(block, g.off[e + 1] - lo)});
     }
   }
   // Largest first: the dynamic schedule then ends with the small tasks.
@@ -253,10 +262,11 @@ void backward_by_expert(const BackwardBufs& t, const Groups& g) {
     }
     const auto a_r = r > 0 ? a_active(t.a, e, r) : at::Tensor();
     const auto b_r = r > 0 ? b_active(t.b, e, r) : at::Tensor();
-    at::Tensor gb = (r > 0 && want_gb) ? at::empty({std::min(kBlock, n), r}, t.g.options())
+    const int64_t block = even_block(n, kBlock);
+    at::Tensor gb = (r > 0 && want_gb) ? at::empty({block, r}, t.g.options())
                                        : at::Tensor();
-    for (int64_t lo = g.off[e]; lo < g.off[e + 1]; lo += kBlock) {
-      const int64_t m = std::min(kBlock, g.off[e + 1] - lo);
+    for (int64_t lo = g.off[e]; lo < g.off[e + 1]; lo += block) {
+      const int64_t m = std::min(block, g.off[e + 1] - lo);
       const double beta = lo == g.off[e] ? 0.0 : 1.0;  // first block overwrites
       auto gm = t.g.narrow(0, lo, m);
       auto xm = t.x.narrow(0, lo, m);
