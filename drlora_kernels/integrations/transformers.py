@@ -441,20 +441,22 @@ def attach_drlora(
             f"{type(model).__name__} is not a transformers PreTrainedModel (no set_experts_implementation)"
         )
     layouts = [experts_layout(m) for _, m in experts]
+    targets = [
+        _resolve_targets(layout, config.target_modules, f"{type(module).__name__} ({name})")
+        for (name, module), layout in zip(experts, layouts)
+    ]
     previous = model.get_experts_implementation()
-    base_impl = previous.get("", None) or "grouped_mm"
-    if base_impl == EXPERTS_IMPLEMENTATION:
-        base_impl = "grouped_mm"
 
+    # Everything is validated: from here on the model changes.
     for p in model.parameters():
         p.requires_grad_(False)
     adapters: list[tuple[str, DRLoRAAdapter]] = []
     for layer, ((name, module), layout) in enumerate(zip(experts, layouts)):
-        targets = _resolve_targets(
-            layout, config.target_modules, f"{type(module).__name__} ({name})"
-        )
+        base_impl = getattr(module.config, "_experts_implementation", None) or "grouped_mm"
+        if base_impl == EXPERTS_IMPLEMENTATION:
+            base_impl = "grouped_mm"
         pools = {}
-        for i, proj in enumerate(targets):
+        for i, proj in enumerate(targets[layer]):
             weight = getattr(module, proj)
             k, n = layout.in_out(weight)
             gen = torch.Generator().manual_seed(_layer_seed(config.seed, layer, i))

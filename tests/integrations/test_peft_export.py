@@ -15,6 +15,9 @@ from drlora_kernels.integrations.transformers import attach_drlora
 from .tiny_models import build, randomize_lora, small_config, token_batch
 
 
+# PEFT 0.21 checks rank_pattern keys against module names, not parameter names, so it warns that
+# they "matched nothing" although it applies them (the per-projection shapes below load only if it does).
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match")
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "nemotron_h"])
 def test_peft_loads_the_export_and_matches(tmp_path, family):
     model = build(family)
