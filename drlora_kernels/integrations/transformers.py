@@ -200,7 +200,12 @@ class DRLoRAAdapter(nn.Module):
 def _base_grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool
 ):
-    """``x_e @ W_e^T`` per expert group without LoRA, via transformers' grouped GEMM (takes ``[E, in, out]``)."""
+    """``x_e @ W_e^T`` per expert group, no LoRA: transformers' own grouped GEMM dispatcher.
+
+    ``_grouped_mm`` is private to ``transformers.integrations.moe`` but it is what the
+    ``grouped_mm`` implementation runs (``torch.nn.functional.grouped_mm`` or a per-expert
+    fallback); it takes ``[E, in, out]`` weights and cumulative offsets without the leading 0.
+    """
     from transformers.integrations.moe import _grouped_mm
 
     w = weight if transposed else weight.transpose(-2, -1)
@@ -227,11 +232,11 @@ def _project(
 
 
 def _base_forward(module: nn.Module, implementation: str):
+    """The experts forward of ``implementation`` (``"eager"``: the class's own) for ``module``."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    eager = type(
-        module
-    ).forward.__wrapped__  # the class's own forward, kept by @use_experts_implementation
+    # the class's own forward, kept by @use_experts_implementation's functools.wraps
+    eager = type(module).forward.__wrapped__
     if implementation in (None, "eager", EXPERTS_IMPLEMENTATION):
         return eager
     return ALL_EXPERTS_FUNCTIONS.get_interface(implementation, eager)
