@@ -1,7 +1,7 @@
 """Fused grouped base GEMM + variable-rank expand, one write of the output tile.
 
 ``out[m, j] = sum_i in[m, i] W[e, j, i]  (HAS_BASE)  +  c_e * sum_{r < r_e} v[m, r] L[e, j, r]``.
-Grid: (row tiles from ``offsets``) x (BLOCK_J output columns). The base part loops I in BLOCK_I
+Grid: (BLOCK_J output columns) x (row tiles from ``offsets``). The base part loops I in BLOCK_I
 tiles; the LoRA part loops only ``ceil(r_e / BLOCK_R)`` rank blocks (none for rank 0) into a
 separate accumulator that is scaled once and added, so ``Y`` is written once, never re-read.
 Serves the forward ``y = x W^T + s u B^T``, the LoRA-only expand (no W), and the backward
@@ -30,8 +30,8 @@ def _grouped_lora_base_expand_kernel(
     BLOCK_E: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_j = tl.program_id(1)
+    pid_j = tl.program_id(0)  # fastest: the column tiles of one row tile share its input rows in L2
+    pid_m = tl.program_id(1)
     e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if e >= E:
         return

@@ -1,6 +1,6 @@
 """Grouped variable-rank shrink: ``out[m, :r_e] = c_e * in[m] @ L[e, :r_e].T``, zero beyond ``r_e``.
 
-Grid: (row tiles from ``offsets``, see :mod:`.tiles`) x (rank blocks of BLOCK_R). A rank block
+Grid: (rank blocks of BLOCK_R) x (row tiles from ``offsets``, see :mod:`.tiles`). A rank block
 at or past ``r_e`` does no math and only stores its zeros, so expert ``e`` costs
 ``ceil(r_e / BLOCK_R)`` blocks and never reads ``L[e, r_e:]``. K is looped in BLOCK_K tiles.
 Serves the forward ``u = x A^T`` (L = A) and the backward ``s dY B`` (L = B read as
@@ -26,8 +26,8 @@ def _grouped_lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(0)  # fastest: the rank blocks of one row tile share its x tile in L2
+    pid_m = tl.program_id(1)
     e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if e >= E:
         return

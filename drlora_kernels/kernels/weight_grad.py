@@ -32,9 +32,15 @@ def _grouped_weight_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):  # fmt: skip
-    e = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    pid_j = tl.program_id(2)
+    # Grid (rank-axis blocks, other-axis blocks, E): the rank blocks of one tile run side by side
+    # and share its x / dY reads in L2 instead of re-reading them from HBM.
+    if RANK_AXIS == 1:
+        pid_j = tl.program_id(0)
+        pid_i = tl.program_id(1)
+    else:
+        pid_i = tl.program_id(0)
+        pid_j = tl.program_id(1)
+    e = tl.program_id(2)
     e64 = e.to(tl.int64)
     row_lo = tl.load(offsets_ptr + e).to(tl.int32)
     row_hi = tl.load(offsets_ptr + e + 1).to(tl.int32)

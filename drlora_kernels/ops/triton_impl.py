@@ -80,6 +80,23 @@ def supports_device(device: torch.device) -> bool:
     return device.type == "cpu" and _interpreting() and _kernels_interpreted()
 
 
+def device_reason(device: torch.device) -> str:
+    """Why :func:`supports_device` is False for ``device`` ("" when it is supported)."""
+    if supports_device(device):
+        return ""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device.type == "cpu":
+        return _CPU_NEEDS_INTERPRETER
+    return f"runs on {DEVICE_TYPES}"
+
+
+_CPU_NEEDS_INTERPRETER = (
+    "triton on CPU needs its interpreter: set TRITON_INTERPRET=1 before anything imports "
+    "triton (or drlora_kernels)"
+)
+
+
 # ---------------------------------------------------------------- configuration
 
 
@@ -205,10 +222,7 @@ def _check_launch(x: torch.Tensor) -> None:
             f"triton backend: x has dtype {x.dtype}, expected one of float16, bfloat16, float32, float64"
         )
     if x.device.type == "cpu" and not _kernels_interpreted():
-        raise RuntimeError(
-            "triton backend on CPU needs Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "anything imports triton (or drlora_kernels)"
-        )
+        raise RuntimeError(_CPU_NEEDS_INTERPRETER)
     if x.device.type not in DEVICE_TYPES:
         raise RuntimeError(f"triton backend does not run on {x.device.type}")
 
@@ -231,7 +245,7 @@ def _launch_shrink(inp, l, l_strides, out, ranks, offsets, scale, has_scale, dty
     E, R = ranks.shape[0], out.shape[1]
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]) + E, triton.cdiv(R, meta["BLOCK_R"]))
+        return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(T, meta["BLOCK_M"]) + E)
 
     _SHRINK(
         grid,
@@ -254,7 +268,7 @@ def _launch_base_expand(
     I = inp.shape[1] if has_base else 0  # noqa: E741  (the contraction dim of the base GEMM)
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]) + E, triton.cdiv(J, meta["BLOCK_J"]))
+        return (triton.cdiv(J, meta["BLOCK_J"]), triton.cdiv(T, meta["BLOCK_M"]) + E)
 
     inp = inp if has_base else v  # never read without HAS_BASE
     w = w if has_base else l
@@ -285,7 +299,8 @@ def _launch_weight_grad(left, right, out, shape, ranks, offsets, scale, *, rank_
         imp_part = torch.empty(E, R, n_part, dtype=_acc_dtype(dtype), device=left.device)
 
     def grid(meta):
-        return (E, triton.cdiv(I, BLOCK_I), triton.cdiv(J, BLOCK_J))
+        n_i, n_j = triton.cdiv(I, BLOCK_I), triton.cdiv(J, BLOCK_J)
+        return (n_j, n_i, E) if rank_axis == 1 else (n_i, n_j, E)
 
     o = out if out is not None else left  # dummies are never dereferenced (constexpr flags)
     p = param if param is not None else o

@@ -419,3 +419,36 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     ref_y, _ = reference.forward(*(t.cpu() for t in args))
     assert_close_to_ref("y", y.cpu(), ref_y, None, torch.float32)
+
+
+def test_int64_ranks_and_offsets(device):
+    p = make_problem(E=3, K=40, N=30, R=20, group_sizes=[10, 0, 25], ranks=[3, 20, 17])
+    p64 = Problem(p.x, p.w, p.lora_a, p.lora_b, p.ranks.long(), p.offsets.long(), p.scale)
+    out = _triton_all(_on(p, device), torch.ones(35, 30, device=device), True)
+    out64 = _triton_all(_on(p64, device), torch.ones(35, 30, device=device), True)
+    for name in out:
+        assert torch.equal(out[name], out64[name]), name
+
+
+def test_cpu_without_interpreter_raises_clear_error():
+    # triton.jit picks interpreted or compiled kernels at import: CPU tensors need TRITON_INTERPRET=1 then.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, drlora_kernels as dk\n"
+        "x = torch.randn(4, 16); a = torch.randn(2, 8, 16)\n"
+        "r = torch.tensor([1, 2], dtype=torch.int32); o = torch.tensor([0, 2, 4], dtype=torch.int32)\n"
+        "try:\n"
+        "    dk.ops.lora_shrink(x, a, r, o, backend='triton')\n"
+        "except RuntimeError as exc:\n"
+        "    print('RAISED', exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DRLORA_DISABLE_NATIVE"] = "1"
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "RAISED" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout
