@@ -17,6 +17,7 @@ from drlora_kernels import _native
 
 NAME = "native"
 DEVICE_TYPES = ("cpu", "cuda")
+SUPPORTS_FP64 = True  # on CPU (gradcheck); the CUDA kernels take fp32 / bf16 / fp16
 
 
 def is_available() -> tuple[bool, str]:
