@@ -10,6 +10,17 @@ Subcommands:
   a ``key = value`` config file whose keys are the flag names);
 * ``quality`` - the longer quality study (architectures x corpora x seeds, ablations);
 * ``bench``   - forwards its arguments to ``python -m bench`` (repository checkout only).
+
+A real MoE checkpoint (a local ``save_pretrained`` directory with its tokenizer; nothing is
+downloaded) is fine-tuned the same way, e.g. on a GPU with the Triton kernels::
+
+    drlora train --model /models/OLMoE-1B-7B-0125 --device cuda --dtype bf16 --backend triton \
+        --data my_corpus/ --method drlora lora --r-init 32 --r-target 64 --p-grow 0.1 \
+        --steps 3000 --grow-every 200 --buffer-steps 200 --batch-size 8 --seq-len 1024 --lr 1e-4
+
+(the paper's OLMoE settings; ``--method drlora lora`` runs both at the same budget).
+Without a tokenizer in the directory the text is read as bytes, which only suits models
+pre-trained here. Peak memory on CUDA is ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -33,6 +44,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     spec = demo_spec(tiny=args.tiny, seed=args.seed)
+    print(
+        "DR-LoRA demo: pre-train a tiny MoE on local Python sources, then fine-tune it on local "
+        f"license texts with {', '.join(spec.methods)} at the same rank budget "
+        f"(r_init={spec.finetune.drlora.r_init} -> r_target={spec.finetune.drlora.r_target}, "
+        f"r_max={spec.finetune.drlora.r_max})"
+    )
     run_dir = args.run_dir or (DEFAULT_DEMO_DIR + ("-tiny" if args.tiny else ""))
     return _run_and_print(spec, run_dir, progress=not args.no_progress)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,7 +194,7 @@ def load_text_files(paths: list[str], *, max_bytes: int = 4_000_000) -> Corpus:
             files.append(p)
         else:
             raise ValueError(f"data path {p!r} does not exist")
-    names, docs = _read_files(files, max_bytes, sys.maxsize)
+    names, docs = _read_files(files, max_bytes, max_bytes)
     if not docs:
         raise ValueError(f"no readable text in data paths {paths}")
     return Corpus("files", ",".join(paths), tuple(names), tuple(docs))

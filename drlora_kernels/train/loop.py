@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,6 +252,7 @@ def finetune(
     train_curve: list[tuple[int, float]] = []
     events: list[Any] = []
     train_seconds, tokens = 0.0, 0
+    step_seconds: list[float] = []
     batches = train_batches(train_blocks, cfg.batch_size, cfg.steps, cfg.seed)
     bar = _progress(batches, cfg.steps, f"fine-tune {cfg.method:>6}", progress)
     with PeakMemory(device) as mem:
@@ -266,7 +268,8 @@ def finetune(
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_value = loss.item()  # syncs the device, so the timing is complete
-            train_seconds += time.perf_counter() - t0
+            step_seconds.append(time.perf_counter() - t0)
+            train_seconds += step_seconds[-1]
             tokens += batch.shape[0] * (batch.shape[1] - 1)
             train_curve.append((step + 1, loss_value))
             if step_events:
@@ -288,7 +291,9 @@ def finetune(
         perplexity=math.exp(final),
         train_seconds=train_seconds,
         train_tokens=tokens,
-        tokens_per_second=tokens / train_seconds if train_seconds > 0 else float("nan"),
+        # Median step time: robust to other processes stealing the CPU for a while.
+        tokens_per_second=tokens / cfg.steps / statistics.median(step_seconds),
+        tokens_per_second_mean=tokens / train_seconds if train_seconds > 0 else float("nan"),
         peak_memory_bytes=mem.peak_bytes,
         peak_memory_kind=mem.kind,
         rank_stats=_rank_stats(handle),

@@ -195,16 +195,21 @@ def target_blocks(spec: RunSpec, tokenizer=None) -> tuple[data_mod.Corpus, data_
     return corpus, data_mod.make_blocks(corpus, spec.finetune.seq_len, tokenizer=tokenizer)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load_tokenizer(spec: RunSpec):
-    """A user checkpoint's own tokenizer; the models built here use byte tokens (``None``)."""
-    if spec.model_path is None:
+    """A user checkpoint's own tokenizer, if it ships one; otherwise byte tokens (``None``).
+
+    The models built and pre-trained here save no tokenizer: they read bytes.
+    """
+    if spec.model_path is None or not any(
+        (Path(spec.model_path) / f).is_file() for f in TOKENIZER_FILES
+    ):
         return None
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(spec.model_path, local_files_only=True)
-    except (OSError, ValueError):
-        return None  # no tokenizer saved with the checkpoint: byte tokens (models pre-trained here)
+    return AutoTokenizer.from_pretrained(spec.model_path, local_files_only=True)
 
 
 @torch.no_grad()
@@ -295,7 +300,7 @@ def run_comparison(
         summary.append("checks: " + ", ".join(f"{k}={_short(v)}" for k, v in checks.items()))
     kind = next(iter(results.values()))["peak_memory_kind"]
     summary.append(
-        f"peak mem = {kind}; tokens/s = training tokens / wall time of the training steps"
+        f"peak mem = {kind}; tokens/s = tokens per step / median wall time of a training step"
     )
     (run_dir / "summary.txt").write_text("\n".join(summary) + "\n")
     report.write_json(run_dir / "results.json", payload)
