@@ -3,19 +3,22 @@
 // Algorithm: every product is a BLAS GEMM on views (narrow / transpose, no
 // copies) of one expert's rows and of its ACTIVE slots only (a[e, :r_e],
 // b[e, :, :r_e]); results are written straight into preallocated outputs with
-// at::mm_out / addmm_out. Work is cut into tasks and handed out dynamically
-// (an atomic counter inside at::parallel_for) so ragged / zipf group sizes
-// still balance over the threads:
-//   * row tasks (expert, block of rows) for everything that is row-local
-//     (u, y, gb = s * g @ b, dx);
-//   * column tasks (expert, block of output columns) for the reductions over an
-//     expert's rows (da, db, dw): one task owns its output tile, no atomics.
-// Each GEMM runs single-threaded inside the parallel region (MKL/oneDNN detect
-// the nesting); with 2-8 threads and E >= threads this beats threading each
-// small GEMM (measured: bench notes in the native helper report).
-// Accumulation is fp32 (fp64 for fp64 inputs). fp16/bf16 inputs are converted
-// to fp32 once per call and the results converted back: the CPU path has no
-// low-precision GEMM that accumulates into an fp32 output.
+// at::mm_out / addmm_out (beta = 0 where the output is fresh, so NaN garbage in
+// uninitialised memory never leaks in). Work is cut into tasks handed out
+// dynamically (an atomic counter inside one at::parallel_for region), so ragged
+// and zipf group sizes still balance over the threads:
+//   * forward / shrink / expand: row tasks (expert, block of rows);
+//   * backward, balanced routing: one task per expert walking its rows in
+//     blocks, doing gb = s g b_r, dx, and the da / db / dw partial sums while the
+//     block is hot in cache (accumulated in place, beta = 1 after the first block);
+//   * backward, a hot expert: row tasks for gb / dx, then column tasks (expert,
+//     block of output columns) for da / db / dw: one task owns its output tile.
+// Each GEMM runs single-threaded inside the parallel region (nested BLAS
+// threading is off); one region per op keeps barriers to a minimum, which
+// matters on a shared machine. Accumulation is fp32 (fp64 for fp64 inputs).
+// fp16/bf16 inputs are converted to fp32 once per call and the results
+// converted back: ATen's CPU GEMMs cannot write a low-precision product into an
+// fp32 output, and u / gb must stay fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -32,11 +35,12 @@ namespace drlora::cpu {
 namespace {
 
 // Rows per row task and output columns per column task. Big enough that a
-// GEMM amortises its call overhead, small enough to balance skewed groups.
-constexpr int64_t kRowBlock = 256;
+// typical expert (top-k routing: T * k / E rows, a few hundred) stays one block,
+// so its weights stream through the cache once; small enough to balance skewed groups.
+constexpr int64_t kRowBlock = 384;
 
 // Rows per block when `n` rows are cut into blocks of at most `max_rows`, all of
-// (nearly) equal size: 279 rows become 140 + 139, not 256 + a 23-row sliver
+// (nearly) equal size: 400 rows become 200 + 200, not 384 + a 16-row sliver
 // that re-reads the expert's weights for almost no work.
 int64_t even_block(int64_t n, int64_t max_rows) {
   const int64_t blocks = std::max<int64_t>(1, (n + max_rows - 1) / max_rows);
@@ -240,7 +244,7 @@ void zero_inactive_grads(const BackwardBufs& t, int64_t e, int64_t r) {
 // that reads the block while it is hot (gb, dx, and the da / db / dw partial
 // sums, accumulated in place with beta = 1 after the first block).
 void backward_by_expert(const BackwardBufs& t, const Groups& g) {
-  constexpr int64_t kBlock = 256;
+  constexpr int64_t kBlock = 384;
   std::vector<int64_t> order(static_cast<size_t>(g.E));
   for (int64_t e = 0; e < g.E; ++e) order[e] = e;
   std::stable_sort(order.begin(), order.end(),
