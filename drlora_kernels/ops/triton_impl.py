@@ -149,9 +149,6 @@ class _Launcher:
         self.kernel, self.configs, self.key, self.interp = kernel, configs, key, interp
         self._tuned = None
 
-    def blocks(self) -> dict[str, int]:
-        return dict(self.interp) if _interpreting() else dict(self.configs[0].kwargs)
-
     def __call__(self, grid: Callable[[dict], tuple], *args, **kwargs) -> None:
         if _interpreting():
             self.kernel[grid(self.interp)](*args, **kwargs, **self.interp)
@@ -235,14 +232,29 @@ def _common(dtype: torch.dtype) -> dict:
     return {
         "DOT_DTYPE": _dot_dtype(dtype),
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
-        "ALLOW_TF32": _allow_tf32(),
+        "ALLOW_TF32": _allow_tf32()
+        and dtype == torch.float32,  # TF32 only means something for fp32
     }
+
+
+# Row tiles sit on grid axis 1 (CUDA limit 65535), so T <= ~4.2M rows at the smallest GPU BLOCK_M.
+_MAX_ROW_TILES = 65535
+_MIN_BLOCK_M = 64
+
+
+def _check_rows(T: int, E: int, name: str) -> None:
+    if not _interpreting() and triton.cdiv(T, _MIN_BLOCK_M) + E > _MAX_ROW_TILES:
+        raise ValueError(
+            f"{name} has {T} rows: the triton backend schedules at most "
+            f"{(_MAX_ROW_TILES - E) * _MIN_BLOCK_M} rows per call; split the batch"
+        )
 
 
 def _launch_shrink(inp, l, l_strides, out, ranks, offsets, scale, has_scale, dtype) -> None:
     # out[m, :r_e] = c_e * inp[m] @ L[e, :r_e].T, where L[e, r, k] = l.flat[e*s0 + r*s1 + k*s2]
     T, K = inp.shape
     E, R = ranks.shape[0], out.shape[1]
+    _check_rows(T, E, "x")
 
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(T, meta["BLOCK_M"]) + E)
@@ -264,6 +276,7 @@ def _launch_base_expand(
     # out[m, j] = inp[m] @ W[e, j, :] (if w) + c_e * v[m, :r_e] @ L[e, j, :r_e]
     T, J = out.shape
     E = ranks.shape[0]
+    _check_rows(T, E, "x")
     has_base = w is not None
     I = inp.shape[1] if has_base else 0  # noqa: E741  (the contraction dim of the base GEMM)
 
