@@ -289,30 +289,35 @@ def run_model(ctx: Context, workloads: list[ModelWorkload] | None = None) -> lis
         base = _base_model(mw, ctx.device)
         batch = _batch(mw, ctx.device)
         m = mw.mean_rank
+        cands, refs = [], {}  # every profile and provider in one interleaved group
         for skew in ("uniform", *mw.rank_skews):
             profile = f"{skew}:{m}"
             dynamic = skew != "uniform"
-            ref_out, ref_handle = _reference(base, mw, profile, batch, dynamic, zero_ranks=False)
-            refs = {"lora": ref_out}
-            cands = []
-            for b in fast:
-                model, handle = _attach(base, mw, profile, b, dynamic)
-                cands.append(_lora_candidate(ours(b), model, handle, batch, dynamic))
-            if dynamic:
-                model, handle = _attach(base, mw, profile, fast[0], dynamic)
-                _mask_pools(handle)
-                cands.append(_lora_candidate("masked-rmax", model, handle, batch, dynamic))
-            else:
-                base_ref, _ = _reference(base, mw, profile, batch, dynamic, zero_ranks=True)
-                refs["base"] = base_ref
-                cands.append(_base_candidate(base, batch))
-                cands.append(_peft_candidate(base, ref_handle, mw, batch))
-            ctx.log(f"[model] {mw.name}@{profile}: {len(cands)} providers")
-            common = dict(
+            columns = dict(
                 suite="model", mode="train-step", workload=f"{mw.name}@{profile}", E=mw.E,
                 K=mw.hidden, N=mw.intermediate, R=mw.r_max, top_k=mw.top_k, tokens=mw.tokens,
                 rows=mw.tokens * mw.top_k, rank_profile=profile, rank_skew=skew, mean_rank=m,
                 group_profile="model-router", dtype=mw.dtype,
             )  # fmt: skip
-            rows += measure(ctx, cands, refs, getattr(torch, mw.dtype), common, mw.tokens)
+            ref_out, ref_handle = _reference(base, mw, profile, batch, dynamic, zero_ranks=False)
+            refs[f"lora@{profile}"] = ref_out
+            group = []
+            for b in fast:
+                model, handle = _attach(base, mw, profile, b, dynamic)
+                group.append(_lora_candidate(ours(b), model, handle, batch, dynamic))
+            if dynamic:
+                model, handle = _attach(base, mw, profile, fast[0], dynamic)
+                _mask_pools(handle)
+                group.append(_lora_candidate("masked-rmax", model, handle, batch, dynamic))
+            else:
+                base_ref, _ = _reference(base, mw, profile, batch, dynamic, zero_ranks=True)
+                refs[f"base@{profile}"] = base_ref
+                group.append(_base_candidate(base, batch))
+                group.append(_peft_candidate(base, ref_handle, mw, batch))
+            for cand in group:
+                cand.reference = f"{cand.reference}@{profile}"
+                cand.columns = columns
+            cands += group
+        ctx.log(f"[model] {mw.name}: {len(cands)} candidates")
+        rows += measure(ctx, cands, refs, getattr(torch, mw.dtype))
     return rows

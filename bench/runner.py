@@ -1,9 +1,11 @@
 """Verify-then-time machinery shared by every suite.
 
-A suite turns one (workload, mode) into :class:`Candidate`\\ s (a provider with a
-timed ``step`` and an ``outputs`` call for verification). :func:`measure`
-verifies each candidate against its reference, times the ones that match
-(interleaved), measures their peak memory and returns one result row each.
+A suite turns one *family* (the rank profiles of one shape, in one mode) into
+:class:`Candidate`\\ s (a provider at one profile with a timed ``step`` and an
+``outputs`` call for verification). :func:`measure` verifies each candidate
+against its reference, times all matching ones of the family interleaved in one
+group (so every ratio the report takes is between calls measured side by side),
+measures their peak memory and returns one result row each.
 A candidate that mismatches or raises is recorded with ``match=False`` and not
 timed; the command line exits non-zero when any such row exists.
 """
@@ -29,13 +31,15 @@ class Candidate:
 
     ``step()`` is what gets timed (one forward, forward+backward or training step);
     ``outputs()`` runs it once and returns the named tensors to verify;
-    ``reference`` names the entry of the references dict to compare with.
+    ``reference`` names the entry of the references dict to compare with;
+    ``columns`` are the row's workload columns (set by the suite).
     """
 
     provider: str
     step: Callable[[], object]
     outputs: Callable[[], dict[str, torch.Tensor]]
     reference: str = "lora"
+    columns: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -92,14 +96,16 @@ def measure(
     candidates: list[Candidate],
     references: dict[str, Callable[[], dict[str, torch.Tensor]]],
     dtype: torch.dtype,
-    common: dict,
-    tokens: int,
 ) -> list[dict]:
-    """Verify every candidate, time the matching ones side by side, return one row each."""
+    """Verify every candidate, time the matching ones side by side, return one row each.
+
+    ``tokens_per_s`` uses each candidate's ``columns["tokens"]``.
+    """
     refs = {name: fn() for name, fn in references.items()}
     rows, timed = [], {}
-    for cand in candidates:
-        row = dict(common, provider=cand.provider, match=False, max_rel_err=float("nan"), note="")
+    for i, cand in enumerate(candidates):
+        row = dict(cand.columns, provider=cand.provider, match=False, max_rel_err=float("nan"),
+                   note="")  # fmt: skip
         try:
             verdict = compare(cand.outputs(), refs[cand.reference], dtype)
             row.update(match=verdict.match, max_rel_err=verdict.max_rel_err, note=verdict.detail)
@@ -109,14 +115,14 @@ def measure(
         if cand.provider in ctx.verify_only:
             row["note"] = (row["note"] + "; " if row["note"] else "") + "verified only, not timed"
         elif row["match"]:
-            timed[cand.provider] = cand.step
+            timed[i] = cand.step
         if not row["match"]:
-            ctx.log(f"  MISMATCH {common.get('workload')} {common.get('mode')} {cand.provider}: "
+            ctx.log(f"  MISMATCH {row.get('workload')} {row.get('mode')} {cand.provider}: "
                     f"{row['note']}")  # fmt: skip
         rows.append(row)
     timings = time_interleaved(timed, ctx.device, ctx.policy)
-    for row in rows:
-        t = timings.get(row["provider"])
+    for i, row in enumerate(rows):
+        t = timings.get(i)
         if t is None:
             continue
         row.update(
@@ -124,8 +130,8 @@ def measure(
             min_ms=t.min_ms,
             max_ms=t.max_ms,
             repeats=t.repeats,
-            tokens_per_s=tokens / (t.median_ms / 1e3),
-            peak_mem_mb=peak_memory_bytes(timed[row["provider"]], ctx.device) / 2**20,
+            tokens_per_s=row["tokens"] / (t.median_ms / 1e3),
+            peak_mem_mb=peak_memory_bytes(timed[i], ctx.device) / 2**20,
             mem_method=MEMORY_METHOD[ctx.device.type],
         )
     return rows

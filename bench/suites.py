@@ -82,30 +82,65 @@ def _ops_candidate(p: OpsProblem, provider: str, fused: bool, backward: bool) ->
     return Candidate(provider, step, outputs, "base" if provider == "base" else "lora")
 
 
+def families(workloads: list[Workload]) -> list[list[Workload]]:
+    """Group workloads that differ only in rank skew (their ratios are taken within a group)."""
+    groups: dict[tuple, list[Workload]] = {}
+    for w in workloads:
+        groups.setdefault(w.shape_key(), []).append(w)
+    return list(groups.values())
+
+
+def skew_free(provider: str, w: Workload) -> bool:
+    """Providers whose cost does not follow the rank skew run once per family (at ``uniform``).
+
+    ``base`` ignores the ranks; PEFT has one rank for every expert, so the same budget is
+    its uniform mean rank (``peft-wba`` at a skewed profile would be PEFT padded to the max).
+    """
+    return provider in ("base", "peft-wba") and w.rank_skew != "uniform"
+
+
 def _ops_cases(
-    ctx: Context, w: Workload, mode: str, providers: list[str]
+    ctx: Context, w: Workload, mode: str, providers: list[str], suite: str = "ops"
 ) -> tuple[list[Candidate], dict[str, Callable[[], dict]]]:
+    """Candidates of one workload; references keyed ``lora@<profile>`` / ``base@<profile>``."""
     kind, phase = mode.split("/")
     fused, backward = kind == "fused", phase == "fwd+bwd"
     p = make_ops_problem(w, ctx.device)
-    cands = [_ops_candidate(p, prov, fused, backward) for prov in providers]
-    refs = {"lora": lambda: ops_reference(p, fused, backward)}
+    columns = dict(suite=suite, mode=mode, **workload_columns(w))
+    cands = []
+    for prov in providers:
+        cand = _ops_candidate(p, prov, fused, backward)
+        cand.reference = f"{cand.reference}@{w.rank_profile}"
+        cand.columns = columns
+        cands.append(cand)
+    refs = {f"lora@{w.rank_profile}": lambda: ops_reference(p, fused, backward)}
     if fused:
-        refs["base"] = lambda: ops_base_reference(p, backward)
+        refs[f"base@{w.rank_profile}"] = lambda: ops_base_reference(p, backward)
     return cands, refs
 
 
-def run_ops(ctx: Context, workloads: list[Workload] | None = None) -> list[dict]:
+def _run_families(ctx, suite, workloads, modes, providers_for, cases) -> list[dict]:
     rows = []
-    for w in workloads or ops_workloads(ctx.device.type, ctx.smoke):
-        for mode in OPS_MODES:
-            fused = mode.startswith("fused")
-            providers = provider_list(ctx.backends, fused)
-            cands, refs = _ops_cases(ctx, w, mode, providers)
-            ctx.log(f"[ops] {w.name} {mode}: {len(cands)} providers")
-            common = dict(suite="ops", mode=mode, **workload_columns(w))
-            rows += measure(ctx, cands, refs, w.torch_dtype, common, w.tokens)
+    for fam in families(workloads):
+        for mode in modes:
+            cands, refs = [], {}
+            has_uniform = any(w.rank_skew == "uniform" for w in fam)
+            for w in fam:
+                provs = [p for p in providers_for(mode) if not (has_uniform and skew_free(p, w))]
+                c, r = cases(ctx, w, mode, provs, suite)
+                cands += c
+                refs.update(r)
+            ctx.log(f"[{suite}] {fam[0].name.rsplit('@', 1)[0]} mean {fam[0].mean_rank} "
+                    f"{mode}: {len(cands)} candidates")  # fmt: skip
+            rows += measure(ctx, cands, refs, fam[0].torch_dtype)
     return rows
+
+
+def run_ops(ctx: Context, workloads: list[Workload] | None = None) -> list[dict]:
+    return _run_families(
+        ctx, "ops", workloads or ops_workloads(ctx.device.type, ctx.smoke), OPS_MODES,
+        lambda mode: provider_list(ctx.backends, mode.startswith("fused")), _ops_cases,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- layer
@@ -200,22 +235,28 @@ def _layer_reference(lp: LayerProblem, backward: bool, zero_ranks: bool) -> dict
     return out
 
 
+def _layer_cases(ctx, w, mode, providers, suite="layer"):
+    backward = mode.endswith("fwd+bwd")
+    lp = make_layer_problem(w, ctx.device)
+    columns = dict(suite=suite, mode=mode, **workload_columns(w))
+    cands = []
+    for prov in providers:
+        cand = _layer_candidate(lp, prov, backward)
+        cand.reference = f"{cand.reference}@{w.rank_profile}"
+        cand.columns = columns
+        cands.append(cand)
+    refs = {
+        f"lora@{w.rank_profile}": lambda: _layer_reference(lp, backward, zero_ranks=False),
+        f"base@{w.rank_profile}": lambda: _layer_reference(lp, backward, zero_ranks=True),
+    }
+    return cands, refs
+
+
 def run_layer(ctx: Context, workloads: list[Workload] | None = None) -> list[dict]:
-    rows = []
-    for w in workloads or layer_workloads(ctx.device.type, ctx.smoke):
-        lp = make_layer_problem(w, ctx.device)
-        for mode in LAYER_MODES:
-            backward = mode.endswith("fwd+bwd")
-            cands = [_layer_candidate(lp, prov, backward)
-                     for prov in provider_list(ctx.backends, fused=True)]  # fmt: skip
-            refs = {
-                "lora": lambda lp=lp, b=backward: _layer_reference(lp, b, zero_ranks=False),
-                "base": lambda lp=lp, b=backward: _layer_reference(lp, b, zero_ranks=True),
-            }
-            ctx.log(f"[layer] {w.name} {mode}: {len(cands)} providers")
-            common = dict(suite="layer", mode=mode, **workload_columns(w))
-            rows += measure(ctx, cands, refs, w.torch_dtype, common, w.tokens)
-    return rows
+    return _run_families(
+        ctx, "layer", workloads or layer_workloads(ctx.device.type, ctx.smoke), LAYER_MODES,
+        lambda mode: provider_list(ctx.backends, fused=True), _layer_cases,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- scaling
@@ -225,11 +266,7 @@ def run_scaling(ctx: Context, workloads: list[Workload] | None = None) -> list[d
     """Fused op, fwd+bwd. The reference backend and the loop are left out (not what scales)."""
     timed = [b for b in ctx.backends if ours(b) not in ctx.verify_only]
     fast = [b for b in timed if b != "reference"] or ["reference"]
-    rows = []
-    for w in workloads or scaling_workloads(ctx.device.type, ctx.smoke):
-        providers = provider_list(fast, fused=True, loop=False)
-        cands, refs = _ops_cases(ctx, w, "fused/fwd+bwd", providers)
-        ctx.log(f"[scaling] {w.name}: {len(cands)} providers")
-        common = dict(suite="scaling", mode="fused/fwd+bwd", **workload_columns(w))
-        rows += measure(ctx, cands, refs, w.torch_dtype, common, w.tokens)
-    return rows
+    return _run_families(
+        ctx, "scaling", workloads or scaling_workloads(ctx.device.type, ctx.smoke),
+        ("fused/fwd+bwd",), lambda mode: provider_list(fast, fused=True, loop=False), _ops_cases,
+    )  # fmt: skip

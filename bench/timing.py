@@ -25,7 +25,7 @@ import io
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +66,9 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, policy: TimingPolicy
-) -> dict[str, Timing]:
-    """Time every callable in ``fns``; returns ``{name: Timing}``."""
+    fns: dict[Hashable, Callable[[], object]], device: torch.device, policy: TimingPolicy
+) -> dict[Hashable, Timing]:
+    """Time every callable in ``fns``; returns ``{key: Timing}``."""
     if not fns:
         return {}
     if device.type == "cuda":
@@ -76,7 +76,7 @@ def time_interleaved(
     for fn in fns.values():
         for _ in range(policy.warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[Hashable, list[float]] = {name: [] for name in fns}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
