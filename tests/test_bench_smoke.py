@@ -19,6 +19,15 @@ from bench.verify import compare  # noqa: E402
 from bench.workloads import Workload, layer_workloads, make_ranks, ops_workloads  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread is fastest and immune to a busy machine (as ``--smoke``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ctx() -> Context:
     c = Context.create("cpu", smoke=True, log=lambda s: None)
