@@ -5,6 +5,8 @@ Row-tiled kernels launch ``cdiv(T, BLOCK_M) + E`` programs: an upper bound on
 (scattermoe's grid). Each program finds its expert from ``offsets`` in registers
 (``BLOCK_E >= E`` lanes, a cumulative sum of per-expert tile counts); programs past
 the last tile exit at once. No ``.item()``, no host sync: CUDA-graph friendly.
+Row tiles sit on grid axis 1 (the other axis, rank or column blocks, varies fastest so
+neighbouring programs share the row tile in L2); CUDA caps that axis at 65535 tiles.
 """
 
 from __future__ import annotations

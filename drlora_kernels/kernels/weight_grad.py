@@ -6,8 +6,8 @@ so the reduction order is fixed (deterministic) and no atomics are needed. RANK_
 output axis is the rank axis (0: ``dA [E, R, K]``, 1: ``dB [E, N, R]``, -1: ``dW``, no rank):
 tiles past ``r_e`` on it do no math and store zeros (inactive slots get exactly zero gradient).
 WITH_IMP: the epilogue sums ``|P * out|`` over the non-rank axis of the tile while it is in
-registers (P = the parameter, A or B) and stores one partial per (slot, tile); the host sums
-the few partials, so saliency costs no extra pass over dA/dB.
+registers (P = the parameter, A or B) and stores one partial per (slot, tile); a fixed-order
+sum over those few partials finishes it, so saliency costs no extra pass over dA/dB.
 """
 
 from __future__ import annotations
