@@ -16,9 +16,11 @@
 // Each GEMM runs single-threaded inside the parallel region (nested BLAS
 // threading is off); one region per op keeps barriers to a minimum, which
 // matters on a shared machine. Accumulation is fp32 (fp64 for fp64 inputs).
-// fp16/bf16 inputs are converted to fp32 once per call and the results
-// converted back: ATen's CPU GEMMs cannot write a low-precision product into an
-// fp32 output, and u / gb must stay fp32.
+// fp16/bf16: the base GEMMs (x w^T, g w, g^T x) run in the input dtype (native
+// bf16 GEMMs, fp32 accumulation inside); every LoRA product runs in fp32 on
+// fp32 copies of x / g / a / b (ATen's CPU GEMMs cannot write a low-precision
+// product into an fp32 output, and u / gb must stay fp32), and is added to the
+// base result with a single rounding.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -138,7 +140,27 @@ void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& u, 
   zero_tail_cols(u, t.lo, t.n, r);
 }
 
+// out[rows] (+)= lora, where lora [n, cols] is an fp32 product and out may be
+// bf16 / fp16: one rounding of (existing + lora), never a low-precision LoRA GEMM.
+void add_product(const at::Tensor& out, bool accumulate, const at::Tensor& m1,
+                 const at::Tensor& m2, double alpha) {
+  if (out.scalar_type() == m1.scalar_type()) {
+    // beta = 0 ignores out's old (uninitialised) contents, NaN included.
+    out.addmm_(m1, m2, /*beta=*/accumulate ? 1.0 : 0.0, alpha);
+    return;
+  }
+  auto lora = at::empty({m1.size(0), m2.size(1)}, m1.options());
+  lora.addmm_(m1, m2, /*beta=*/0.0, alpha);
+  if (accumulate) {
+    out.add_(lora);
+  } else {
+    out.copy_(lora);
+  }
+}
+
 // y[rows] = x[rows] @ w[e]^T (if w) + s * u[rows, :r] @ b[e, :, :r]^T.
+// The base GEMM runs in x / w's dtype (bf16 GEMMs are native and ~2x faster on
+// CPUs with bf16 units), the LoRA product in fp32 (u is fp32).
 void expand_rows(const at::Tensor& u, const at::Tensor& b, const std::optional<at::Tensor>& x,
                  const std::optional<at::Tensor>& w, const at::Tensor& y, const RowTask& t,
                  int64_t r, double s) {
@@ -146,9 +168,7 @@ void expand_rows(const at::Tensor& u, const at::Tensor& b, const std::optional<a
   const bool base = w.has_value();
   if (base) at::mm_out(ye, x->narrow(0, t.lo, t.n), (*w)[t.e].t());
   if (r > 0) {
-    auto ue = u.narrow(0, t.lo, t.n).narrow(1, 0, r);
-    // beta = 0 ignores ye's old (uninitialised) contents, NaN included.
-    ye.addmm_(ue, b_active(b, t.e, r).t(), /*beta=*/base ? 1.0 : 0.0, /*alpha=*/s);
+    add_product(ye, base, u.narrow(0, t.lo, t.n).narrow(1, 0, r), b_active(b, t.e, r).t(), s);
   } else if (!base) {
     ye.zero_();
   }
@@ -210,12 +230,29 @@ at::Tensor cast_to(const at::Tensor& t, at::ScalarType dtype) {
 
 // Everything the backward reads and writes, in the accumulation dtype.
 // Undefined tensors are outputs that were not requested (or an absent w).
+// g / x / a / b / u are fp32 (fp64) for the LoRA products; g_in / x_in / w are
+// the inputs' own dtype for the base GEMMs (dx = g w, dw = g^T x), whose
+// outputs dx / dw are allocated in that dtype too.
 struct BackwardBufs {
   at::Tensor g, x;
+  at::Tensor g_in, x_in;
   std::optional<at::Tensor> w;
   at::Tensor a, b, u;
   at::Tensor dx, dw, da, db;
 };
+
+// dx[rows] = g[rows] @ w[e] (base GEMM, input dtype) + gb[rows, :r] @ a[e, :r] (fp32).
+void dx_rows(const BackwardBufs& t, int64_t e, int64_t lo, int64_t m, const at::Tensor& gbm,
+             int64_t r) {
+  auto dxm = t.dx.narrow(0, lo, m);
+  const bool base = t.w.has_value();
+  if (base) at::mm_out(dxm, t.g_in.narrow(0, lo, m), (*t.w)[e]);
+  if (r > 0) {
+    add_product(dxm, base, gbm, a_active(t.a, e, r), 1.0);
+  } else if (!base) {
+    dxm.zero_();
+  }
+}
 
 // Expert-granular tasks balance when no expert holds much more than one
 // thread's share of the rows (the usual top-k routing); a hot expert (zipf,
@@ -264,7 +301,6 @@ void backward_by_expert(const BackwardBufs& t, const Groups& g) {
       if (dw_e.defined()) dw_e.zero_();
       return;
     }
-    const auto a_r = r > 0 ? a_active(t.a, e, r) : at::Tensor();
     const auto b_r = r > 0 ? b_active(t.b, e, r) : at::Tensor();
     const int64_t block = even_block(n, kBlock);
     at::Tensor gb = (r > 0 && want_gb) ? at::empty({block, r}, t.g.options())
@@ -283,19 +319,10 @@ void backward_by_expert(const BackwardBufs& t, const Groups& g) {
         gbm = gb.narrow(0, 0, m);
         at::addmm_out(gbm, gbm, gm, b_r, /*beta=*/0.0, /*alpha=*/s);
       }
-      if (t.dx.defined()) {
-        auto dxm = t.dx.narrow(0, lo, m);
-        const bool base = t.w.has_value();
-        if (base) at::mm_out(dxm, gm, (*t.w)[e]);
-        if (r > 0) {
-          dxm.addmm_(gbm, a_r, /*beta=*/base ? 1.0 : 0.0);
-        } else if (!base) {
-          dxm.zero_();
-        }
-      }
+      if (t.dx.defined()) dx_rows(t, e, lo, m, gbm, r);
       if (da_e.defined()) da_e.addmm_(gbm.t(), xm, beta);
       if (dbt.defined()) dbt.addmm_(t.u.narrow(0, lo, m).narrow(1, 0, r).t(), gm, beta, s);
-      if (dw_e.defined()) dw_e.addmm_(gm.t(), xm, beta);
+      if (dw_e.defined()) dw_e.addmm_(t.g_in.narrow(0, lo, m).t(), t.x_in.narrow(0, lo, m), beta);
     }
     if (dbt.defined()) db_e.copy_(dbt.t());
   });
@@ -319,15 +346,7 @@ void backward_two_phase(const BackwardBufs& t, const Groups& g) {
         gbm = gb.narrow(0, k.lo, k.n).narrow(1, 0, r);
         at::addmm_out(gbm, gbm, gm, b_active(t.b, k.e, r), /*beta=*/0.0, g.scale[k.e]);
       }
-      if (!t.dx.defined()) return;
-      auto dxm = t.dx.narrow(0, k.lo, k.n);
-      const bool base = t.w.has_value();
-      if (base) at::mm_out(dxm, gm, (*t.w)[k.e]);
-      if (r > 0) {
-        dxm.addmm_(gbm, a_active(t.a, k.e, r), /*beta=*/base ? 1.0 : 0.0);
-      } else if (!base) {
-        dxm.zero_();
-      }
+      if (t.dx.defined()) dx_rows(t, k.e, k.lo, k.n, gbm, r);
     });
   }
 
@@ -366,7 +385,7 @@ void backward_two_phase(const BackwardBufs& t, const Groups& g) {
     auto gm = t.g.narrow(0, lo, n);
     auto xm = t.x.narrow(0, lo, n);
     if (k.kind == kDw) {
-      at::mm_out(out, gm.narrow(1, k.lo, k.n).t(), xm);
+      at::mm_out(out, t.g_in.narrow(0, lo, n).narrow(1, k.lo, k.n).t(), t.x_in.narrow(0, lo, n));
     } else if (k.kind == kDa) {
       at::mm_out(out, gb.narrow(0, lo, n).narrow(1, 0, r).t(), xm.narrow(1, k.lo, k.n));
     } else {
@@ -396,13 +415,13 @@ at::Tensor expand(const at::Tensor& u, const at::Tensor& lora_b, const at::Tenso
   const Groups g = read_groups(ranks, offsets, &scale);
   const auto ba = to_acc(lora_b);
   const auto ua = cast_to(u, ba.scalar_type());
-  auto y = at::empty({u.size(0), lora_b.size(1)}, ba.options());
+  auto y = at::empty({u.size(0), lora_b.size(1)}, lora_b.options());
   const auto tasks = row_tasks(g);
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const auto& t = tasks[i];
     expand_rows(ua, ba, std::nullopt, std::nullopt, y, t, g.rank[t.e], g.scale[t.e]);
   });
-  return cast_to(y, lora_b.scalar_type());
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
@@ -413,18 +432,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optio
   const auto xa = to_acc(x);
   const auto aa = to_acc(lora_a);
   const auto ba = to_acc(lora_b);
-  std::optional<at::Tensor> wa;
-  if (w.has_value()) wa = to_acc(*w);
   auto u = at::empty({x.size(0), lora_a.size(1)}, xa.options());
-  auto y = at::empty({x.size(0), lora_b.size(1)}, xa.options());
+  auto y = at::empty({x.size(0), lora_b.size(1)}, x.options());
+  const std::optional<at::Tensor> xb = w.has_value() ? std::optional<at::Tensor>(x) : std::nullopt;
   const auto tasks = row_tasks(g);
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const auto& t = tasks[i];
     const int64_t r = g.rank[t.e];
     shrink_rows(xa, aa, u, t, r);
-    expand_rows(u, ba, xa, wa, y, t, r, g.scale[t.e]);
+    expand_rows(u, ba, xb, w, y, t, r, g.scale[t.e]);
   });
-  return {cast_to(y, x.scalar_type()), u};
+  return {y, u};
 }
 
 BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
@@ -444,15 +462,15 @@ BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
   const auto aa = to_acc(lora_a);
   const auto ba = to_acc(lora_b);
   const auto ua = cast_to(u, xa.scalar_type());
-  std::optional<at::Tensor> wa;
-  if (w.has_value()) wa = to_acc(*w);
   const auto opts = xa.options();
 
+  // da / db stay fp32 until the end (the importance sums read them); dx / dw are
+  // written in the inputs' dtype by their base GEMMs.
   auto da = want_a ? at::empty({E, R, K}, opts) : at::Tensor();
   auto db = want_b ? at::empty({E, N, R}, opts) : at::Tensor();
-  auto dw = need_w ? at::empty({E, N, K}, opts) : at::Tensor();
-  auto dx = need_x ? at::empty({T, K}, opts) : at::Tensor();
-  const BackwardBufs bufs{ga, xa, wa, aa, ba, ua, dx, dw, da, db};
+  auto dw = need_w ? at::empty({E, N, K}, w->options()) : at::Tensor();
+  auto dx = need_x ? at::empty({T, K}, x.options()) : at::Tensor();
+  const BackwardBufs bufs{ga, xa, grad_y, x, w, aa, ba, ua, dx, dw, da, db};
   if (expert_tasks_balance(g)) {
     backward_by_expert(bufs, g);
   } else {
@@ -465,8 +483,8 @@ BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
     imp_a = slot_importance(aa, da, g, /*rows_layout=*/true);
     imp_b = slot_importance(ba, db, g, /*rows_layout=*/false);
   }
-  return {need_x ? cast_to(dx, x.scalar_type()) : empty(),
-          need_w ? cast_to(dw, w->scalar_type()) : empty(),
+  return {need_x ? dx : empty(),
+          need_w ? dw : empty(),
           need_a ? cast_to(da, lora_a.scalar_type()) : empty(),
           need_b ? cast_to(db, lora_b.scalar_type()) : empty(),
           imp_a,
