@@ -5,9 +5,12 @@ Package metadata lives in ``pyproject.toml``; this file only drives CMake.
 Environment gates (see README, "Environment variables"):
 
 * ``DRLORA_BUILD_NATIVE=0``    skip the extension (pure-Python install, torch not needed to build);
-* ``DRLORA_BUILD_NATIVE=auto`` (default) try to build, warn and continue on failure;
-* ``DRLORA_BUILD_NATIVE=1``    a build failure is fatal (CI, releases);
-* ``DRLORA_CUDA_ARCHS``        CUDA archs, e.g. ``"80;90"`` (default ``80;90``), used when nvcc is found;
+* ``DRLORA_BUILD_NATIVE=auto`` (default) try to build; if the CUDA part fails, retry CPU-only;
+  warn and continue on failure (the reason lands in ``build_info()``);
+* ``DRLORA_BUILD_NATIVE=1``    a build failure is fatal (CI, releases), and so is nvcc being
+  present without the CUDA kernels getting built;
+* ``DRLORA_CUDA_ARCHS``        CUDA archs, e.g. ``"80;90"`` (default ``80;90``), used when nvcc is found
+  (``CUDACXX``, ``PATH`` or ``/usr/local/cuda/bin/nvcc``; never a GPU query);
 * ``DRLORA_WITH_CUDA=0``       do not compile the CUDA sources even when nvcc is found;
 * ``MAX_JOBS``                 parallel build jobs; ``DEBUG=1`` for a debug build.
 
@@ -49,19 +52,33 @@ def _git_sha() -> str:
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        with_cuda = os.environ.get("DRLORA_WITH_CUDA", "1") != "0"
         try:
-            self._build_cmake(ext)
+            self._build_cmake(ext, with_cuda)
+            return
         except Exception as exc:  # CalledProcessError, missing torch, missing cmake ...
             if MODE == "1":
                 raise
+            first_error = exc
+        if with_cuda:
+            # auto mode: a CUDA failure should still leave users the C++ CPU kernels
             warnings.warn(
-                f"drlora_kernels: native extension not built ({exc}); "
-                "the reference and Triton backends still work. Set DRLORA_BUILD_NATIVE=1 to make this fatal.",
+                f"drlora_kernels: build with CUDA failed ({first_error}); retrying CPU-only.",
                 stacklevel=1,
             )
-            _write_build_meta(built=False, reason=str(exc))
+            try:
+                self._build_cmake(ext, False, cuda_failure=str(first_error))
+                return
+            except Exception as exc:
+                first_error = exc
+        warnings.warn(
+            f"drlora_kernels: native extension not built ({first_error}); the reference and "
+            "Triton backends still work. Set DRLORA_BUILD_NATIVE=1 to make this fatal.",
+            stacklevel=1,
+        )
+        _write_build_meta(built=False, reason=str(first_error))
 
-    def _build_cmake(self, ext: CMakeExtension) -> None:
+    def _build_cmake(self, ext: CMakeExtension, with_cuda: bool, cuda_failure: str = "") -> None:
         import pybind11
         import torch
         import torch.utils
@@ -72,7 +89,6 @@ class CMakeBuild(build_ext):
         build_temp.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if os.environ.get("DEBUG", "0") == "1" else "Release"
         archs = os.environ.get("DRLORA_CUDA_ARCHS", "80;90")
-        with_cuda = os.environ.get("DRLORA_WITH_CUDA", "1") != "0"
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
             f"-DDRLORA_EXT_FILENAME={ext_path.name}",
@@ -104,7 +120,12 @@ class CMakeBuild(build_ext):
             # nvcc exists but CMake did not enable CUDA: never let that pass silently
             raise RuntimeError(f"nvcc found at {nvcc} but CMake built without the CUDA kernels")
         _write_build_meta(
-            built=True, reason="", cmake_info=info, torch_version=torch.__version__, nvcc=nvcc or ""
+            built=True,
+            reason="",
+            cmake_info=info,
+            torch_version=torch.__version__,
+            nvcc=nvcc or "",
+            cuda_failure=cuda_failure,
         )
         # editable installs look for the extension in the source tree
         if self.inplace or self.editable_mode:
@@ -145,6 +166,7 @@ def _write_build_meta(
     cmake_info: dict | None = None,
     torch_version: str = "",
     nvcc: str = "",
+    cuda_failure: str = "",
 ) -> None:
     info = cmake_info or {}
     meta = {
@@ -160,6 +182,8 @@ def _write_build_meta(
         # DRLORA_WITH_CUDA=0 is the one explicit way to skip the CUDA sources
         "cuda_opt_out": os.environ.get("DRLORA_WITH_CUDA", "1") == "0",
         "nvcc_at_build": nvcc,
+        # auto mode only: why the CUDA kernels were dropped (the CPU build then succeeded)
+        "cuda_not_built_reason": cuda_failure,
     }
     body = (
         '"""Written by setup.py at build time: what the native build produced."""\n\nBUILD_META = '
