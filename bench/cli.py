@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
     from .model_suite import run_model
-    from .report import format_ratio_table, format_time_table, run_metadata, write_csv
+    from .report import (
+        format_ratio_table,
+        format_summary,
+        format_time_table,
+        run_metadata,
+        write_csv,
+    )
     from .runner import Context
     from .suites import run_layer, run_ops, run_scaling
 
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, out, run_metadata(ctx.device), append=args.append)
     print("\n" + format_time_table(rows) + "\n")
     print(format_ratio_table(rows) + "\n")
+    print("Headline (ours vs the baselines, same run):\n\n" + format_summary(rows) + "\n")
     bad = [r for r in rows if not r["match"]]
     print(f"bench: {len(rows)} rows ({len(rows) - len(bad)} verified) in {elapsed:.0f} s -> {out}")
     for r in bad:

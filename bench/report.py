@@ -218,3 +218,42 @@ def format_time_table(rows: Iterable[dict]) -> str:
         lines.append(f"| {r['suite']} | {r['mode']} | {r['workload']} | {r['provider']} "
                      f"| {r['match']} | {timing} | {tps} | {mem} |")  # fmt: skip
     return "\n".join(lines)
+
+
+HEADLINE = (("layer", "block/fwd+bwd"), ("model", "train-step"), ("ops", "fused/fwd+bwd"))
+
+
+def format_summary(rows: Iterable[dict]) -> str:
+    """The headline table: per suite and rank profile, ours and its ratios to the baselines.
+
+    One line per ``(suite, mode, workload, ours[backend])`` of the headline modes (the
+    ``layer`` block forward + backward, the ``model`` training step and the fused op
+    forward + backward), with ``x base``, ``x uniform``, ``x PEFT``, ``x masked r_max``.
+    """
+    rows = list(rows)
+    ratios: dict[tuple, dict[str, float]] = {}
+    for r in ratio_rows(rows):
+        ratios.setdefault((r["suite"], r["mode"], r["workload"], r["ours"]), {})[r["kind"]] = r[
+            "ratio"
+        ]
+    lines = ["| suite | mode | workload | provider | median ms | tokens/s | peak MiB | x base "
+             "| x uniform | x PEFT | x masked r_max |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for suite, mode in HEADLINE:
+        for r in rows:
+            if (r["suite"], r["mode"]) != (suite, mode) or not r["provider"].startswith("ours["):
+                continue
+            if _num(r.get("median_ms")) is None:
+                continue
+            rat = ratios.get((suite, mode, r["workload"], r["provider"]), {})
+
+            def cell(kind, rat=rat):
+                return f"{rat[kind]:.3f}" if kind in rat else "-"
+
+            lines.append(
+                f"| {suite} | {mode} | {r['workload']} | {r['provider']} | "
+                f"{float(r['median_ms']):.1f} | {float(r['tokens_per_s']):,.0f} | "
+                f"{float(r['peak_mem_mb']):.1f} | {cell('(base+lora)/base')} | "
+                f"{cell('dynamic/uniform')} | {cell('ours/peft')} | {cell('ours/masked-rmax')} |"
+            )
+    return "\n".join(lines)
