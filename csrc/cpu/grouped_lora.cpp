@@ -36,7 +36,7 @@
 namespace drlora::cpu {
 namespace {
 
-// Rows per row task and output columns per column task. Big enough that a
+// Rows per row task (and per block of the expert-local backward). Big enough that a
 // typical expert (top-k routing: T * k / E rows, a few hundred) stays one block,
 // so its weights stream through the cache once; small enough to balance skewed groups.
 constexpr int64_t kRowBlock = 384;
@@ -48,6 +48,9 @@ int64_t even_block(int64_t n, int64_t max_rows) {
   const int64_t blocks = std::max<int64_t>(1, (n + max_rows - 1) / max_rows);
   return (n + blocks - 1) / blocks;
 }
+
+// Output columns per column task of the two-phase backward (one hot expert's
+// da / db / dw reductions still split into many tasks).
 constexpr int64_t kColBlock = 256;
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
