@@ -299,7 +299,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the main job end to end with embedded defaults (make demo)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seeds models, data order and growth draws"
+    )
     demo.add_argument(
         "--run-dir",
         default=None,
@@ -310,7 +312,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         action="store_true",
         help="a seconds-long version (tiny model, few steps) for tests",
     )
-    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
 
@@ -324,7 +328,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     from .quality import add_arguments
 
     add_arguments(quality)
-    quality.add_argument("--threads", type=int, default=None)
+    quality.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     quality.set_defaults(func=_quality)
 
     bench = sub.add_parser(
