@@ -131,7 +131,10 @@ class CMakeBuild(build_ext):
         if self.inplace or self.editable_mode:
             target = ROOT / "drlora_kernels" / ext_path.name
             if target.resolve() != ext_path:
-                shutil.copy2(ext_path, target)
+                # copy then rename: overwriting a loaded .so in place crashes running processes (SIGBUS)
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.copy2(ext_path, tmp)
+                os.replace(tmp, target)
 
 
 def _has_module(name: str) -> bool:
