@@ -115,7 +115,7 @@ def plot_skew(rows: list[dict], path: Path) -> bool:
             ylabel="time / frozen base", title=f"{suite} {mode} (mean rank {sel[0]['mean_rank']})"
         )
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

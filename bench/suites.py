@@ -110,29 +110,40 @@ def _ops_cases(
     cands = []
     for prov in providers:
         cand = _ops_candidate(p, prov, fused, backward)
-        cand.reference = f"{cand.reference}@{w.rank_profile}"
+        cand.reference = f"{cand.reference}@{w.name}"
         cand.columns = columns
         cands.append(cand)
-    refs = {f"lora@{w.rank_profile}": lambda: ops_reference(p, fused, backward)}
+    refs = {f"lora@{w.name}": lambda: ops_reference(p, fused, backward)}
     if fused:
-        refs[f"base@{w.rank_profile}"] = lambda: ops_base_reference(p, backward)
+        refs[f"base@{w.name}"] = lambda: ops_base_reference(p, backward)
     return cands, refs
 
 
-def _run_families(ctx, suite, workloads, modes, providers_for, cases) -> list[dict]:
+def _run_families(
+    ctx, suite, workloads, modes, providers_for, cases, timing_group=None
+) -> list[dict]:
+    """Verify and time families; ``timing_group(family)`` merges families into one
+    interleaved timing group (default: one group per family)."""
+    groups: dict[object, list[list[Workload]]] = {}
+    for i, fam in enumerate(families(workloads)):
+        groups.setdefault(i if timing_group is None else timing_group(fam), []).append(fam)
     rows = []
-    for fam in families(workloads):
+    for fams in groups.values():
         for mode in modes:
             cands, refs = [], {}
-            has_uniform = any(w.rank_skew == "uniform" for w in fam)
-            for w in fam:
-                provs = [p for p in providers_for(mode) if not (has_uniform and skew_free(p, w))]
-                c, r = cases(ctx, w, mode, provs, suite)
-                cands += c
-                refs.update(r)
-            ctx.log(f"[{suite}] {fam[0].name.rsplit('@', 1)[0]} mean {fam[0].mean_rank} "
-                    f"{mode}: {len(cands)} candidates")  # fmt: skip
-            rows += measure(ctx, cands, refs, fam[0].torch_dtype)
+            for fam in fams:
+                has_uniform = any(w.rank_skew == "uniform" for w in fam)
+                for w in fam:
+                    provs = [p for p in providers_for(mode)
+                             if not (has_uniform and skew_free(p, w))]  # fmt: skip
+                    c, r = cases(ctx, w, mode, provs, suite)
+                    cands += c
+                    refs.update(r)
+            head = fams[0][0]
+            what = f"mean {head.mean_rank}" if len(fams) == 1 else f"{len(fams)} shapes"
+            ctx.log(f"[{suite}] {head.name.rsplit('@', 1)[0]} {what} {mode}: "
+                    f"{len(cands)} candidates")  # fmt: skip
+            rows += measure(ctx, cands, refs, head.torch_dtype)
     return rows
 
 
@@ -242,12 +253,12 @@ def _layer_cases(ctx, w, mode, providers, suite="layer"):
     cands = []
     for prov in providers:
         cand = _layer_candidate(lp, prov, backward)
-        cand.reference = f"{cand.reference}@{w.rank_profile}"
+        cand.reference = f"{cand.reference}@{w.name}"
         cand.columns = columns
         cands.append(cand)
     refs = {
-        f"lora@{w.rank_profile}": lambda: _layer_reference(lp, backward, zero_ranks=False),
-        f"base@{w.rank_profile}": lambda: _layer_reference(lp, backward, zero_ranks=True),
+        f"lora@{w.name}": lambda: _layer_reference(lp, backward, zero_ranks=False),
+        f"base@{w.name}": lambda: _layer_reference(lp, backward, zero_ranks=True),
     }
     return cands, refs
 
@@ -263,10 +274,13 @@ def run_layer(ctx: Context, workloads: list[Workload] | None = None) -> list[dic
 
 
 def run_scaling(ctx: Context, workloads: list[Workload] | None = None) -> list[dict]:
-    """Fused op, fwd+bwd. The reference backend and the loop are left out (not what scales)."""
+    """Fused op, fwd+bwd; each sweep (over rank, over tokens) is one interleaved timing group,
+    so its curves are comparable point to point. The reference backend and the loop are
+    left out (not what scales)."""
     timed = [b for b in ctx.backends if ours(b) not in ctx.verify_only]
     fast = [b for b in timed if b != "reference"] or ["reference"]
     return _run_families(
         ctx, "scaling", workloads or scaling_workloads(ctx.device.type, ctx.smoke),
         ("fused/fwd+bwd",), lambda mode: provider_list(fast, fused=True, loop=False), _ops_cases,
+        timing_group=lambda fam: fam[0].name.rsplit("@", 1)[0].rstrip("0123456789"),
     )  # fmt: skip
