@@ -20,7 +20,11 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Verify every provider against the reference, then time them side by side "
+        "(suites: ops, layer, model, scaling). Exits 1 if any provider disagrees.",
+    )
     p.add_argument("--suite", choices=(*SUITES, "all"), default="all",
                    help="which suite to run (default: all)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
