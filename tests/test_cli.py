@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,44 @@ def test_train_rejects_bad_config_and_model(tmp_path, capsys):
     assert "learning_rate_typo" in capsys.readouterr().err
     assert main(["train", "--model", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def _save_tiny_checkpoint_with_tokenizer(path: Path) -> None:
+    """A local ``save_pretrained`` directory with a word-level tokenizer (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from drlora_kernels.train.models import build_model
+
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(60)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    model = build_model("olmoe", "tiny", seed=0)
+    assert model.config.vocab_size >= len(words)
+    model.save_pretrained(path)
+    hf_tok.save_pretrained(path)
+
+
+def test_train_a_local_checkpoint_with_its_tokenizer(tmp_path, one_thread, capsys):
+    ckpt, text, out = tmp_path / "ckpt", tmp_path / "text", tmp_path / "run"
+    _save_tiny_checkpoint_with_tokenizer(ckpt)
+    text.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for d in range(30):
+        ids = torch.randint(0, 60, (200,), generator=gen).tolist()
+        (text / f"doc{d}.txt").write_text(" ".join(f"w{i}" for i in ids))
+    argv = ["train", "--model", str(ckpt), "--data", str(text), "--method", "drlora", "lora"]
+    argv += ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-interval", "3"]
+    argv += ["--r-init", "2", "--r-target", "4", "--grow-every", "2", "--warmup-steps", "1"]
+    argv += ["--buffer-steps", "1", "--output-dir", str(out), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"drlora", "lora"}
+    assert all(math.isfinite(rec["eval_loss"]) for rec in res["methods"].values())
+    # the text was read with the checkpoint's tokenizer: 30 docs x (200 words + eos) tokens
+    # make at most 6030 // 33 blocks of 32+1 tokens (bytes would make ~4x more)
+    m = re.search(r"(\d+) train / (\d+) held-out blocks", capsys.readouterr().out)
+    assert m is not None and 150 <= int(m[1]) + int(m[2]) <= 6030 // 33
+    # the budget holds at the end: every module's mean rank is r_target
+    assert res["methods"]["drlora"]["rank_stats"]["mean"] == pytest.approx(4.0)
