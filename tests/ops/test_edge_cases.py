@@ -134,7 +134,9 @@ def test_gradcheck_fp64(backend):
     if backend != "reference" and not getattr(mod, "SUPPORTS_FP64", False):
         pytest.skip(f"{backend} does not take fp64 inputs")
     if backend == "triton" and not torch.cuda.is_available():
-        pytest.skip("interpreted Triton gradcheck lives in test_triton.py (one call per perturbation is slow)")
+        pytest.skip(
+            "interpreted Triton gradcheck lives in test_triton.py (one call per perturbation is slow)"
+        )
     inputs = (
         p.x.requires_grad_(),
         p.w.requires_grad_(),
