@@ -201,8 +201,10 @@ def slot_importance(
     """
     R = lora_a.shape[1]
     active = torch.arange(R, device=ranks.device)[None, :] < ranks[:, None].to(torch.long)  # [E, R]
-    prod_a = (lora_a.float() * grad_a.float()).abs()
-    prod_b = (lora_b.float() * grad_b.float()).abs()
-    prod_a = torch.where(active[:, :, None], prod_a, torch.zeros((), device=prod_a.device))
-    prod_b = torch.where(active[:, None, :], prod_b, torch.zeros((), device=prod_b.device))
-    return prod_a.sum(dim=2), prod_b.sum(dim=1)
+    # Each sum involves one slot only, so masking the [E, R] sums (with where, not a
+    # multiply: NaN in an inactive slot stays out) equals masking the products first,
+    # at a fraction of the memory traffic.
+    sum_a = (lora_a.float() * grad_a.float()).abs_().sum(dim=2)
+    sum_b = (lora_b.float() * grad_b.float()).abs_().sum(dim=1)
+    zero = torch.zeros((), dtype=sum_a.dtype, device=sum_a.device)
+    return torch.where(active, sum_a, zero), torch.where(active, sum_b, zero)
