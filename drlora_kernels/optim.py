@@ -217,22 +217,39 @@ class RankAwareAdamW(Optimizer):
 
     @staticmethod
     def _slot_update(p, grad, state, spec: SlotSpec, group, beta1: float, beta2: float) -> None:
+        """AdamW on the active slots only: work grows with the active ranks, not ``r_max``.
+
+        Each expert's active slots are one view (``A[e, :r_e]`` rows, ``B[e, :, :r_e]``
+        columns), so the update runs as multi-tensor (``_foreach``) ops over those views.
+        Reading ``ranks`` costs one host sync per parameter on CUDA.
+        """
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         step = state["step"]
         if step.device != p.device:  # e.g. after load_state_dict (torch keeps "step" where it was)
             step = state["step"] = step.to(p.device, torch.float32)
-        active = spec.active(p)  # [E, R, 1] or [E, 1, R]
-        step.add_(active.to(step.dtype))
-        # Bias corrections in fp64 like AdamW's Python scalars; inactive slots (step 0) get 1.
+        step.add_(spec.active(p).to(step.dtype))  # [E, R, 1] / [E, 1, R]: tiny
+        # Bias corrections in fp64 like AdamW's Python scalars, per slot.
         t = step.double()
-        bc1 = torch.where(active, 1.0 - beta1**t, 1.0)
-        bc2_sqrt = torch.where(active, (1.0 - beta2**t).sqrt(), 1.0)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        new_p = p.mul(1.0 - lr * wd)
-        new_m = torch.lerp(m, grad, 1.0 - beta1)
-        new_v = v.mul(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = (new_v.sqrt() / bc2_sqrt.to(p.dtype)).add_(eps)
-        new_p.addcmul_(new_m / denom, (lr / bc1).to(p.dtype), value=-1.0)
-        p.copy_(torch.where(active, new_p, p))
-        m.copy_(torch.where(active, new_m, m))
-        v.copy_(torch.where(active, new_v, v))
+        step_size = (lr / (1.0 - beta1**t)).to(p.dtype)
+        bc2_sqrt = (1.0 - beta2**t).sqrt().to(p.dtype)
+        dim = spec.dim - 1  # the slot dim of one expert's [R, K] / [N, R] slice
+        active = [(e, r) for e, r in enumerate(spec.ranks.tolist()) if r > 0]
+        if not active:
+            return
+
+        def views(x: torch.Tensor) -> list[torch.Tensor]:
+            return [x[e].narrow(dim, 0, r) for e, r in active]
+
+        ps, gs = views(p), views(grad)
+        ms, vs = views(state["exp_avg"]), views(state["exp_avg_sq"])
+        if wd != 0:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, views(bc2_sqrt))
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(update, views(step_size))
+        torch._foreach_sub_(ps, update)
