@@ -1,7 +1,9 @@
 """The ``model`` suite: one full training step of a tiny transformers OLMoE.
 
 Every provider trains the same parameter set (the expert adapters; routers and
-all base weights frozen) on the same 1,024-token batch, with
+all base weights frozen) on the same 1,024-token batch. Ours steps with
+:class:`~drlora_kernels.optim.RankAwareAdamW` (the optimizer the README
+recommends: AdamW on the active slots only); masked r_max and PEFT with
 ``torch.optim.AdamW``. One timed step is:
 
 * ``base``           the frozen model, experts through ``grouped_mm`` (transformers'
@@ -160,7 +162,12 @@ def _pool_grads(handle) -> dict[str, torch.Tensor]:
 
 def _lora_candidate(provider, model, handle, batch, dynamic: bool) -> Candidate:
     params = handle.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    if provider == "masked-rmax":  # the paper's implementation: stock AdamW over all r_max slots
+        opt = torch.optim.AdamW(params, lr=1e-5)
+    else:  # ours, as the README tells users to train: AdamW on the active slots only
+        from drlora_kernels.optim import RankAwareAdamW, pool_slot_specs
+
+        opt = RankAwareAdamW(params, lr=1e-5, slots=pool_slot_specs(handle.pools))
     ctrl = handle.controller if dynamic else None
 
     def fwd_bwd():
