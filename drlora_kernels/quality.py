@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
     "drlora": {},
@@ -136,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         for k, v in vars(args).items()
         if k not in ("func", "command", "no_progress", "threads")
     }
+    # Floating-point results depend on the thread count (GEMM reduction order): record it.
+    environment = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     for arch in args.archs:
         for seed in args.seeds:
@@ -175,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
                         f"{arch:>9} {corpus:>10} seed {seed} {variant:>13}: held-out loss {rec['eval_loss']:.4f}"
                     )
                     results_path.write_text(
-                        json.dumps({"args": settings, "runs": runs}, indent=1) + "\n"
+                        json.dumps(
+                            {"args": settings, "environment": environment, "runs": runs}, indent=1
+                        )
+                        + "\n"
                     )
     table = summarize(runs, list(args.variants))
     cmd = "drlora quality " + " ".join(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,27 @@ def test_train_a_local_checkpoint_with_its_tokenizer(tmp_path, one_thread, capsy
     assert m is not None and 150 <= int(m[1]) + int(m[2]) <= 6030 // 33
     # the budget holds at the end: every module's mean rank is r_target
     assert res["methods"]["drlora"]["rank_stats"]["mean"] == pytest.approx(4.0)
+
+
+def test_quality_study_writes_table_and_records(tmp_path, one_thread):
+    out = tmp_path / "q"
+    argv = ["quality", "--archs", "olmoe", "--corpora", "licenses", "--seeds", "0", "1"]
+    argv += ["--variants", "lora", "drlora", "--size", "tiny", "--pretrain-steps", "2"]
+    argv += ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--r-init", "2"]
+    argv += ["--r-target", "4", "--r-max", "8", "--grow-every", "2", "--warmup-steps", "1"]
+    argv += ["--buffer-steps", "1", "--output-dir", str(out), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    rec = json.loads((out / "quality.json").read_text())
+    assert rec["environment"]["torch_threads"] == 1
+    runs = rec["runs"]
+    assert sorted((r["seed"], r["variant"]) for r in runs) == [
+        (0, "drlora"), (0, "lora"), (1, "drlora"), (1, "lora"),
+    ]  # fmt: skip
+    assert all(math.isfinite(r["eval_loss"]) for r in runs)
+    table = (out / "quality.md").read_text()
+    mean = {
+        v: statistics.mean(r["eval_loss"] for r in runs if r["variant"] == v)
+        for v in ("lora", "drlora")
+    }
+    assert f"| olmoe | licenses | {mean['lora']:.4f}" in table
+    assert "paired runs" in table
