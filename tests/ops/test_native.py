@@ -396,57 +396,20 @@ def test_cpp_checks_name_the_argument(over, exc, match):
 def test_cpp_backward_checks():
     p = make_problem(E=3, K=16, N=12, R=4, T=20)
     _, u = native.forward(p.x, None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
+
+    def backward(grad_y=None, u=u, need_w=False):
+        grad_y = torch.randn(20, 12) if grad_y is None else grad_y
+        return native.backward(
+            grad_y, p.x, None, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale,
+            True, need_w, True, True, False,
+        )  # fmt: skip
+
     with pytest.raises(ValueError, match="grad_y must have shape"):
-        native.backward(
-            torch.randn(20, 11),
-            p.x,
-            None,
-            p.lora_a,
-            p.lora_b,
-            u,
-            p.ranks,
-            p.offsets,
-            p.scale,
-            True,
-            False,
-            True,
-            True,
-            False,
-        )
+        backward(grad_y=torch.randn(20, 11))
     with pytest.raises(TypeError, match="u has dtype"):
-        native.backward(
-            torch.randn(20, 12),
-            p.x,
-            None,
-            p.lora_a,
-            p.lora_b,
-            u.double(),
-            p.ranks,
-            p.offsets,
-            p.scale,
-            True,
-            False,
-            True,
-            True,
-            False,
-        )
+        backward(u=u.double())
     with pytest.raises(ValueError, match="need_w"):
-        native.backward(
-            torch.randn(20, 12),
-            p.x,
-            None,
-            p.lora_a,
-            p.lora_b,
-            u,
-            p.ranks,
-            p.offsets,
-            p.scale,
-            True,
-            True,
-            True,
-            True,
-            False,
-        )
+        backward(need_w=True)
 
 
 # ---------------------------------------------------------------- CUDA (needs a GPU; untested until one runs them)
