@@ -108,6 +108,27 @@ def poison_inactive(p: Problem) -> Problem:
     return Problem(p.x, p.w, a, b, p.ranks, p.offsets, p.scale)
 
 
+def run_backward(
+    mod,
+    p: Problem,
+    grad_y: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    w: torch.Tensor | None = None,
+    need_x: bool = True,
+    need_w: bool = False,
+    need_a: bool = True,
+    need_b: bool = True,
+    with_importance: bool = False,
+    **kw,
+):
+    """``mod.backward`` of the backend contract (reference, triton or native) on problem ``p``."""
+    return mod.backward(
+        grad_y, p.x, w, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale,
+        need_x, need_w, need_a, need_b, with_importance, **kw,
+    )  # fmt: skip
+
+
 def inactive_mask(ranks: torch.Tensor, R: int) -> torch.Tensor:
     """`[E, R]` bool, True where the slot is inactive."""
     return torch.arange(R, device=ranks.device)[None, :] >= ranks[:, None]

@@ -11,7 +11,13 @@ import torch
 
 import drlora_kernels as dk
 from drlora_kernels.ops import reference
-from tests.helpers import assert_close_to_ref, inactive_mask, make_problem, poison_inactive
+from tests.helpers import (
+    assert_close_to_ref,
+    inactive_mask,
+    make_problem,
+    poison_inactive,
+    run_backward,
+)
 
 
 def _run(p, backend, with_w):
@@ -32,22 +38,7 @@ def _check_against_reference(p, backend, with_w=True):
     y, dx, dw, da, db, gy = _run(p, backend, with_w)
     w = p.w if with_w else None
     ref_y, u = reference.forward(p.x, w, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
-    ref = reference.backward(
-        gy,
-        p.x,
-        w,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        True,
-        with_w,
-        True,
-        True,
-        False,
-    )
+    ref = run_backward(reference, p, gy, u, w=w, need_w=with_w)
     dt = p.x.dtype
     assert_close_to_ref("y", y, ref_y, None, dt)
     assert_close_to_ref("dx", dx, ref[0], None, dt)

@@ -15,7 +15,13 @@ from drlora_kernels import _native
 from drlora_kernels.ops import get_ops, grouped_lora, grouped_lora_base
 from drlora_kernels.ops import native_impl as native
 from drlora_kernels.ops import reference as ref
-from tests.helpers import assert_close_to_ref, inactive_mask, make_problem, poison_inactive
+from tests.helpers import (
+    assert_close_to_ref,
+    inactive_mask,
+    make_problem,
+    poison_inactive,
+    run_backward,
+)
 
 pytestmark = [
     pytest.mark.native,
@@ -36,10 +42,9 @@ def _run_forward(mod, p, with_w, **kw):
 
 def _run_backward(mod, p, gy, u, with_w, need_w=False, with_importance=True, **kw):
     w = p.w if with_w else None
-    return mod.backward(
-        gy, p.x, w, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale,
-        True, need_w and with_w, True, True, with_importance, **kw,
-    )  # fmt: skip
+    return run_backward(
+        mod, p, gy, u, w=w, need_w=need_w and with_w, with_importance=with_importance, **kw
+    )
 
 
 def check_against_reference(p, *, with_w: bool, need_w: bool = False) -> None:
@@ -227,21 +232,8 @@ def test_importance_matches_slot_importance():
     torch.testing.assert_close(imp_a, exp_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(imp_b, exp_b, rtol=1e-5, atol=1e-6)
     # importance without asking for da / db still comes out (and da / db stay empty)
-    out = native.backward(
-        gy,
-        p.x,
-        None,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        False,
-        False,
-        False,
-        False,
-        True,
+    out = run_backward(
+        native, p, gy, u, need_x=False, need_a=False, need_b=False, with_importance=True
     )
     assert [t.numel() for t in out[:4]] == [0, 0, 0, 0]
     torch.testing.assert_close(out[4], exp_a, rtol=1e-5, atol=1e-6)
@@ -399,10 +391,7 @@ def test_cpp_backward_checks():
 
     def backward(grad_y=None, u=u, need_w=False):
         grad_y = torch.randn(20, 12) if grad_y is None else grad_y
-        return native.backward(
-            grad_y, p.x, None, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale,
-            True, need_w, True, True, False,
-        )  # fmt: skip
+        return run_backward(native, p, grad_y, u, need_w=need_w)
 
     with pytest.raises(ValueError, match="grad_y must have shape"):
         backward(grad_y=torch.randn(20, 11))

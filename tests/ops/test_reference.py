@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drlora_kernels.ops import reference
-from tests.helpers import make_problem
+from tests.helpers import make_problem, run_backward
 from tests.ops._naive import naive_forward
 
 
@@ -31,21 +31,8 @@ def test_reference_matches_naive_loop(dtype, with_w, popularity):
     y, u = reference.forward(
         p.x, p.w if with_w else None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale
     )
-    dx, dw, da, db, imp_a, imp_b = reference.backward(
-        gy,
-        p.x,
-        p.w if with_w else None,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        True,
-        with_w,
-        True,
-        True,
-        True,
+    dx, dw, da, db, imp_a, imp_b = run_backward(
+        reference, p, gy, u, w=p.w if with_w else None, need_w=with_w, with_importance=True
     )
     ref_y, ref_dx, ref_dw, ref_da, ref_db = _grads_of_naive(p, with_w, gy)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)

@@ -19,7 +19,14 @@ import torch
 
 import drlora_kernels as dk
 from drlora_kernels.ops import available_backends, reference
-from tests.helpers import Problem, assert_close_to_ref, inactive_mask, make_problem, poison_inactive
+from tests.helpers import (
+    Problem,
+    assert_close_to_ref,
+    inactive_mask,
+    make_problem,
+    poison_inactive,
+    run_backward,
+)
 
 _ok, _why = available_backends()["triton"]
 pytestmark = pytest.mark.skipif(not _ok, reason=f"triton backend unavailable: {_why}")
@@ -61,22 +68,7 @@ def _on(p: Problem, device, dtype=None) -> Problem:
 def _triton_all(p: Problem, gy: torch.Tensor, with_w: bool) -> dict[str, torch.Tensor]:
     w = p.w if with_w else None
     y, u = ti.forward(p.x, w, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
-    grads = ti.backward(
-        gy,
-        p.x,
-        w,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        True,
-        with_w,
-        True,
-        True,
-        True,
-    )
+    grads = run_backward(ti, p, gy, u, w=w, need_w=with_w, with_importance=True)
     return {"y": y, "u": u, **dict(zip(GRADS, grads))}
 
 
@@ -86,10 +78,9 @@ def _reference_all(
     w = p.w if with_w else None
     y, u = reference.forward(p.x, w, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale, upcast=upcast)
     u_in = u if upcast else u.to(p.x.dtype)
-    grads = reference.backward(
-        gy, p.x, w, p.lora_a, p.lora_b, u_in, p.ranks, p.offsets, p.scale,
-        True, with_w, True, True, True, upcast=upcast,
-    )  # fmt: skip
+    grads = run_backward(
+        reference, p, gy, u_in, w=w, need_w=with_w, with_importance=True, upcast=upcast
+    )
     return {"y": y, "u": u, **dict(zip(GRADS, grads))}
 
 
@@ -258,22 +249,10 @@ def test_importance_matches_slot_importance(device):
     q = _on(p, device)
     _, u = ti.forward(q.x, q.w, q.lora_a, q.lora_b, q.ranks, q.offsets, q.scale)
     # importance without asking for dA/dB: they are computed, not stored, and returned empty
-    dx, dw, da, db, imp_a, imp_b = ti.backward(
-        gy.to(device),
-        q.x,
-        q.w,
-        q.lora_a,
-        q.lora_b,
-        u,
-        q.ranks,
-        q.offsets,
-        q.scale,
-        False,
-        False,
-        False,
-        False,
-        True,
-    )
+    dx, dw, da, db, imp_a, imp_b = run_backward(
+        ti, q, gy.to(device), u, w=q.w, need_x=False, need_a=False, need_b=False,
+        with_importance=True,
+    )  # fmt: skip
     assert dx.numel() == dw.numel() == da.numel() == db.numel() == 0
     ref_u = reference.shrink(p.x, p.lora_a, p.ranks, p.offsets)
     g = reference.backward(
@@ -291,22 +270,7 @@ def test_unrequested_outputs_are_fresh_empty_tensors(device):
     p = _on(make_problem(E=3, K=40, N=30, R=20, group_sizes=[10, 5, 20], ranks=[3, 20, 0]), device)
     _, u = ti.forward(p.x, p.w, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
     gy = torch.randn(35, 30, device=device)
-    outs = ti.backward(
-        gy,
-        p.x,
-        p.w,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        True,
-        False,
-        False,
-        True,
-        False,
-    )
+    outs = run_backward(ti, p, gy, u, w=p.w, need_a=False)
     assert [tuple(o.shape) for o in outs] == [(35, 40), (0,), (0,), (3, 30, 20), (0,), (0,)]
     ptrs = [o.untyped_storage().data_ptr() for o in outs if o.numel()]
     assert len(set(ptrs)) == len(ptrs)
