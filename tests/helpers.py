@@ -108,8 +108,7 @@ def poison_inactive(p: Problem) -> Problem:
     return Problem(p.x, p.w, a, b, p.ranks, p.offsets, p.scale)
 
 
-def run_backward(
-    mod,
+def backward_args(
     p: Problem,
     grad_y: torch.Tensor,
     u: torch.Tensor,
@@ -120,13 +119,18 @@ def run_backward(
     need_a: bool = True,
     need_b: bool = True,
     with_importance: bool = False,
-    **kw,
-):
-    """``mod.backward`` of the backend contract (reference, triton or native) on problem ``p``."""
-    return mod.backward(
+) -> tuple:
+    """The positional arguments of the backend contract's ``backward`` (and ``drlora::lora_bwd_*``)."""
+    return (
         grad_y, p.x, w, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale,
-        need_x, need_w, need_a, need_b, with_importance, **kw,
+        need_x, need_w, need_a, need_b, with_importance,
     )  # fmt: skip
+
+
+def run_backward(mod, p: Problem, grad_y: torch.Tensor, u: torch.Tensor, *, upcast=None, **flags):
+    """``mod.backward`` (reference, triton or native) on problem ``p``; ``flags`` as :func:`backward_args`."""
+    kw = {} if upcast is None else {"upcast": upcast}
+    return mod.backward(*backward_args(p, grad_y, u, **flags), **kw)
 
 
 def inactive_mask(ranks: torch.Tensor, R: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from drlora_kernels.ops import native_impl as native
 from drlora_kernels.ops import reference as ref
 from tests.helpers import (
     assert_close_to_ref,
+    backward_args,
     inactive_mask,
     make_problem,
     poison_inactive,
@@ -280,21 +281,8 @@ def test_opcheck_native_ops(with_w):
         p.x, p.w if with_w else None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale
     )
     gy = torch.randn(p.x.shape[0], 12)
-    bwd_args = (
-        gy,
-        p.x,
-        p.w if with_w else None,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        True,
-        with_w,
-        True,
-        True,
-        True,
+    bwd_args = backward_args(
+        p, gy, u, w=p.w if with_w else None, need_w=with_w, with_importance=True
     )
     torch.library.opcheck(torch.ops.drlora.lora_bwd_native.default, bwd_args)
     torch.library.opcheck(

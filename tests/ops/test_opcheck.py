@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drlora_kernels.ops import get_ops
-from tests.helpers import make_problem
+from tests.helpers import backward_args, make_problem
 
 
 def _problem():
@@ -35,39 +35,9 @@ def test_opcheck_backward(backend, with_importance):
     ops = get_ops(backend)
     _, u = ops["forward"](p.x, p.w, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
     gy = torch.randn(p.x.shape[0], 12)
-    args = (
-        gy,
-        p.x,
-        p.w,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        True,
-        True,
-        True,
-        True,
-        with_importance,
-    )
+    args = backward_args(p, gy, u, w=p.w, need_w=True, with_importance=with_importance)
     torch.library.opcheck(ops["backward"], args)
-    partial = (
-        gy,
-        p.x,
-        None,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        False,
-        False,
-        True,
-        False,
-        False,
-    )
+    partial = backward_args(p, gy, u, need_x=False, need_b=False)
     torch.library.opcheck(ops["backward"], partial)
 
 

@@ -22,6 +22,7 @@ from drlora_kernels.ops import available_backends, reference
 from tests.helpers import (
     Problem,
     assert_close_to_ref,
+    backward_args,
     inactive_mask,
     make_problem,
     poison_inactive,
@@ -282,22 +283,7 @@ def test_backward_is_deterministic(device):
     p = _on(make_problem(E=3, K=96, N=80, R=40, group_sizes=[70, 3, 50], ranks=[40, 9, 25]), device)
     _, u = ti.forward(p.x, p.w, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
     gy = torch.randn(123, 80, device=device)
-    args = (
-        gy,
-        p.x,
-        p.w,
-        p.lora_a,
-        p.lora_b,
-        u,
-        p.ranks,
-        p.offsets,
-        p.scale,
-        True,
-        True,
-        True,
-        True,
-        True,
-    )
+    args = backward_args(p, gy, u, w=p.w, need_w=True, with_importance=True)
     for first, second in zip(ti.backward(*args), ti.backward(*args)):
         assert torch.equal(first, second)
 
