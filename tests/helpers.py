@@ -133,6 +133,15 @@ def run_backward(mod, p: Problem, grad_y: torch.Tensor, u: torch.Tensor, *, upca
     return mod.backward(*backward_args(p, grad_y, u, **flags), **kw)
 
 
+def pool_lora(pool, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The LoRA update of one ``RankPool`` on expert-sorted rows ``x`` (reference backend)."""
+    from drlora_kernels.ops import grouped_lora
+
+    return grouped_lora(
+        x, pool.lora_A, pool.lora_B, pool.ranks, offsets, pool.scaling, backend="reference"
+    )
+
+
 def inactive_mask(ranks: torch.Tensor, R: int) -> torch.Tensor:
     """`[E, R]` bool, True where the slot is inactive."""
     return torch.arange(R, device=ranks.device)[None, :] >= ranks[:, None]

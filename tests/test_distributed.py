@@ -11,9 +11,10 @@ import torch.multiprocessing as mp
 
 from drlora_kernels.config import DRLoRAConfig
 from drlora_kernels.dynamic import DRLoRAController
-from drlora_kernels.ops import grouped_lora, route_tokens
+from drlora_kernels.ops import route_tokens
 from drlora_kernels.pool import RankPool
 from drlora_kernels.saliency import slot_scores
+from tests.helpers import pool_lora
 
 WORLD = 2
 L, P, E, K, N, R, TOP_K, T = 2, 2, 4, 16, 12, 8, 2, 10
@@ -43,15 +44,7 @@ def _forward_backward(pools, ctrl, gen) -> None:
         rt = route_tokens(idx, w, E)
         x = torch.randn(T, K, generator=gen)[rt.token_index]
         for pool in layer:
-            y = grouped_lora(
-                x,
-                pool.lora_A,
-                pool.lora_B,
-                pool.ranks,
-                rt.offsets,
-                pool.scaling,
-                backend="reference",
-            )
+            y = pool_lora(pool, x, rt.offsets)
             loss = loss + (y - torch.randn(y.shape, generator=gen)).square().mean()
     loss.backward()
 

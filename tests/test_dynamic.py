@@ -9,9 +9,10 @@ import torch
 
 from drlora_kernels.config import DRLoRAConfig
 from drlora_kernels.dynamic import DRLoRAController, growth_seed
-from drlora_kernels.ops import grouped_lora, route_tokens
+from drlora_kernels.ops import route_tokens
 from drlora_kernels.optim import RankAwareAdamW
 from drlora_kernels.pool import RankPool, kaiming_uniform_rows
+from tests.helpers import pool_lora
 
 L, P, E, K, N, R, TOP_K, T = 2, 2, 4, 16, 12, 8, 2, 12
 TOTAL = 20
@@ -44,15 +45,7 @@ def forward_backward(pools, ctrl, step: int, *, micro_batches: int = 2) -> None:
             rt = route_tokens(idx, w, E)
             x = torch.randn(T, K, generator=gen)[rt.token_index]
             for pool in layer:
-                y = grouped_lora(
-                    x,
-                    pool.lora_A,
-                    pool.lora_B,
-                    pool.ranks,
-                    rt.offsets,
-                    pool.scaling,
-                    backend="reference",
-                )
+                y = pool_lora(pool, x, rt.offsets)
                 loss = loss + (y - torch.randn(y.shape, generator=gen)).square().mean()
         loss.backward()
 
@@ -87,9 +80,7 @@ def test_training_run_grows_to_budget_at_schedule_steps():
     def probe(step, when):
         pool = pools[1][0]
         with torch.no_grad():
-            seen[when] = grouped_lora(
-                x, pool.lora_A, pool.lora_B, pool.ranks, offsets, pool.scaling, backend="reference"
-            )
+            seen[when] = pool_lora(pool, x, offsets)
         if when == "after" and step in EVENTS:  # growth never changes the output
             torch.testing.assert_close(seen["after"], seen["before"], rtol=1e-6, atol=1e-7)
 

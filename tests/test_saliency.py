@@ -8,9 +8,10 @@ from torch.utils.checkpoint import checkpoint
 
 from drlora_kernels.config import DRLoRAConfig
 from drlora_kernels.dynamic import DRLoRAController
-from drlora_kernels.ops import grouped_lora, grouped_lora_backward, route_tokens
+from drlora_kernels.ops import grouped_lora_backward, route_tokens
 from drlora_kernels.pool import RankPool
 from drlora_kernels.saliency import SaliencyTracker, in_backward
+from tests.helpers import pool_lora
 
 E, K, N, R, TOP_K = 6, 16, 20, 8, 2
 
@@ -49,15 +50,7 @@ def run_micro_batch(pools, controller, T, gen):
         rt = route_tokens(idx, w, E)
         x = torch.randn(T, K, generator=gen)[rt.token_index]
         for pool in layer:
-            y = grouped_lora(
-                x,
-                pool.lora_A,
-                pool.lora_B,
-                pool.ranks,
-                rt.offsets,
-                pool.scaling,
-                backend="reference",
-            )
+            y = pool_lora(pool, x, rt.offsets)
             loss = loss + (y * torch.randn(y.shape, generator=gen)).sum()
     loss.backward()
     return routings
@@ -198,15 +191,7 @@ def test_fused_importance_equals_grad_path():
         pairs = []
         for pool in layer:
             gy = torch.randn(x.shape[0], N, generator=gen)
-            y = grouped_lora(
-                x,
-                pool.lora_A,
-                pool.lora_B,
-                pool.ranks,
-                rt.offsets,
-                pool.scaling,
-                backend="reference",
-            )
+            y = pool_lora(pool, x, rt.offsets)
             loss = loss + (y * gy).sum()
             out = grouped_lora_backward(
                 gy, x, pool.lora_A, pool.lora_B, pool.ranks, rt.offsets, pool.scaling
