@@ -180,6 +180,38 @@ BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
                        need_a, need_b, with_importance);
 }
 
+std::tuple<at::Tensor, at::Tensor> slot_importance(const at::Tensor& lora_a,
+                                                   const at::Tensor& grad_a,
+                                                   const at::Tensor& lora_b,
+                                                   const at::Tensor& grad_b,
+                                                   const at::Tensor& ranks) {
+  DRLORA_CHECK_DIM(lora_a, 3);
+  DRLORA_CHECK_DIM(lora_b, 3);
+  DRLORA_CHECK_DTYPE(lora_a, DRLORA_FLOAT_DTYPES);
+  const int64_t E = lora_a.size(0), R = lora_a.size(1), K = lora_a.size(2), N = lora_b.size(1);
+  DRLORA_CHECK_SHAPE(grad_a, "[E, R, K]", E, R, K);
+  DRLORA_CHECK_SHAPE(lora_b, "[E, N, R]", E, N, R);
+  DRLORA_CHECK_SHAPE(grad_b, "[E, N, R]", E, N, R);
+  DRLORA_CHECK_SAME_DTYPE(grad_a, lora_a);
+  DRLORA_CHECK_SAME_DTYPE(lora_b, lora_a);
+  DRLORA_CHECK_SAME_DTYPE(grad_b, lora_a);
+  DRLORA_CHECK_DEVICE(grad_a, lora_a);
+  DRLORA_CHECK_DEVICE(lora_b, lora_a);
+  DRLORA_CHECK_DEVICE(grad_b, lora_a);
+  DRLORA_CHECK_DEVICE(ranks, lora_a);
+  DRLORA_CHECK_CONTIGUOUS(lora_a);
+  DRLORA_CHECK_CONTIGUOUS(grad_a);
+  DRLORA_CHECK_CONTIGUOUS(lora_b);
+  DRLORA_CHECK_CONTIGUOUS(grad_b);
+  DRLORA_CHECK(lora_a.device().is_cpu(), "lora_a is on ", lora_a.device(),
+               ": the native slot_importance runs on the CPU only");
+  DRLORA_CHECK_DTYPE(ranks, DRLORA_INDEX_DTYPES);
+  DRLORA_CHECK_SHAPE(ranks, "[E]", E);
+  DRLORA_CHECK_RANKS(ranks, R);
+  pybind11::gil_scoped_release nogil;
+  return cpu::slot_importance(lora_a, grad_a, lora_b, grad_b, ranks);
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #ifdef DRLORA_WITH_CUDA
@@ -214,6 +246,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(y, u): y = x @ w[e].T (if w) + scale[e] * (x @ lora_a[e,:r].T) @ lora_b[e,:,:r].T",
         py::arg("x"), py::arg("w"), py::arg("lora_a"), py::arg("lora_b"), py::arg("ranks"),
         py::arg("offsets"), py::arg("scale"));
+  m.def("slot_importance", &drlora::slot_importance,
+        "(imp_a, imp_b) fp32 [E, R]: sum_k |a*da| and sum_n |b*db| of the active slots, 0 "
+        "elsewhere (CPU)",
+        py::arg("lora_a"), py::arg("grad_a"), py::arg("lora_b"), py::arg("grad_b"),
+        py::arg("ranks"));
   m.def("backward", &drlora::backward,
         "(dx, dw, da, db, imp_a, imp_b); unrequested outputs are empty [0] tensors",
         py::arg("grad_y"), py::arg("x"), py::arg("w"), py::arg("lora_a"), py::arg("lora_b"),

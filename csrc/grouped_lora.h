@@ -33,6 +33,16 @@ using BackwardOut =
   }
 
 DRLORA_DECLARE_BACKEND(cpu)
+
+namespace cpu {
+// Per-slot L1 sums (imp_a [E, R] = sum_k |a * da|, imp_b = sum_n |b * db|, fp32) from
+// accumulated gradients, reading the active slots only (SPEC Eq. 6).
+std::tuple<at::Tensor, at::Tensor> slot_importance(const at::Tensor& lora_a,
+                                                   const at::Tensor& grad_a,
+                                                   const at::Tensor& lora_b,
+                                                   const at::Tensor& grad_b,
+                                                   const at::Tensor& ranks);
+}  // namespace cpu
 #ifdef DRLORA_WITH_CUDA
 DRLORA_DECLARE_BACKEND(cuda)
 #endif

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _native as _native_mod
 from . import _validate
 from .registry import (
     BACKENDS,
@@ -241,10 +242,25 @@ def slot_importance(
     grad_b: torch.Tensor,
     ranks: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-slot importance sums from accumulated gradients: ``(sum_k |A*dA|, sum_n |B*dB|)``, fp32 `[E, R]`."""
+    """Per-slot importance sums from accumulated gradients: ``(sum_k |A*dA|, sum_n |B*dB|)``, fp32 `[E, R]`.
+
+    Slots ``>= ranks[e]`` are exactly zero and never read. On the CPU the native
+    extension (when loaded) computes it reading the active slots only; elsewhere,
+    under ``torch.compile`` or with inputs that need a graph, the reference does.
+    """
     from .reference import slot_importance as _ref
 
+    if _native_importance_applies(lora_a, grad_a, lora_b, grad_b, ranks):
+        return _native_mod._C.slot_importance(lora_a, grad_a, lora_b, grad_b, ranks)
     return _ref(lora_a, grad_a, lora_b, grad_b, ranks)
+
+
+def _native_importance_applies(*tensors: torch.Tensor) -> bool:
+    if not _native_mod.HAS_NATIVE or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def _define_available_ops() -> None:

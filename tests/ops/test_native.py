@@ -241,6 +241,46 @@ def test_importance_matches_slot_importance():
     torch.testing.assert_close(out[5], exp_b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_native_slot_importance_from_grads(dtype):
+    """The extension's slot_importance (used by the public op on CPU) vs the reference:
+    inactive slots poisoned with NaN in parameters and gradients must come out exactly 0."""
+    gen = torch.Generator().manual_seed(3)
+    E, R, K, N = 5, 12, 40, 24
+    ranks = torch.tensor([0, 3, 12, 7, 1], dtype=torch.int32)
+    a, da = (torch.randn(E, R, K, generator=gen).to(dtype) for _ in range(2))
+    b, db = (torch.randn(E, N, R, generator=gen).to(dtype) for _ in range(2))
+    exp_a, exp_b = ref.slot_importance(a, da, b, db, ranks)
+    for e, r in enumerate(ranks.tolist()):
+        a[e, r:] = da[e, r:] = float("nan")
+        b[e, :, r:] = db[e, :, r:] = float("nan")
+    imp_a, imp_b = _native._C.slot_importance(a, da, b, db, ranks)
+    assert imp_a.dtype == imp_b.dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(imp_a, exp_a, **tol)
+    torch.testing.assert_close(imp_b, exp_b, **tol)
+    inactive = inactive_mask(ranks, R)
+    assert (imp_a[inactive] == 0).all() and (imp_b[inactive] == 0).all()
+    # the public op takes the native path here and gives the same numbers
+    from drlora_kernels.ops import slot_importance
+
+    pub_a, pub_b = slot_importance(a, da, b, db, ranks)
+    torch.testing.assert_close(pub_a, imp_a, rtol=0, atol=0)
+    torch.testing.assert_close(pub_b, imp_b, rtol=0, atol=0)
+
+
+def test_native_slot_importance_checks():
+    a, da = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    b, db = torch.randn(3, 6, 4), torch.randn(3, 6, 4)
+    ranks = torch.tensor([1, 4, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="grad_a must have shape"):
+        _native._C.slot_importance(a, da[:, :3], b, db, ranks)
+    with pytest.raises(TypeError, match="grad_b has dtype"):
+        _native._C.slot_importance(a, da, b, db.double(), ranks)
+    with pytest.raises(ValueError, match=r"ranks\[1\] = 5"):
+        _native._C.slot_importance(a, da, b, db, torch.tensor([1, 5, 0], dtype=torch.int32))
+
+
 def test_outputs_never_alias():
     p = make_problem(E=3, K=16, N=12, R=4, T=20)
     y, u = _run_forward(native, p, with_w=True)
