@@ -169,6 +169,7 @@ def _train_spec(args: argparse.Namespace):
         finetune=ft,
         device=args.device,
         dtype=args.dtype,
+        speed_rounds=args.speed_rounds,
     )
 
 
@@ -246,6 +247,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument(
+        "--speed-rounds", type=int, default=8,
+        help="after training, time this many steps of every method interleaved for the "
+        "tokens/s column (0: use the step times of the training runs)",
+    )  # fmt: skip
     g.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "native"])
     g.add_argument("--output-dir", default=DEFAULT_TRAIN_DIR)
     g.add_argument(

@@ -217,6 +217,34 @@ def make_optimizer(
     return RankAwareAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, slots=slots)
 
 
+def prepare_finetune(model: nn.Module, cfg: FinetuneConfig) -> tuple[Any, torch.optim.Optimizer]:
+    """Attach ``cfg.method``'s adapters to ``model`` (in place); return ``(handle, optimizer)``."""
+    from ..integrations.transformers import attach_drlora
+    from .masked import use_masked_compute
+
+    torch.manual_seed(cfg.seed)
+    handle = attach_drlora(model, cfg.method_config(), total_steps=cfg.steps)
+    if cfg.method == "masked":
+        use_masked_compute(handle.pools)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(handle, params, cfg)
+    model.train()
+    return handle, opt
+
+
+def train_step(
+    model: nn.Module, controller, opt: torch.optim.Optimizer, batch: torch.Tensor
+) -> tuple[torch.Tensor, list]:
+    """One optimizer step: loss, backward, DR-LoRA statistics and growth, update. Returns (loss, events)."""
+    loss = lm_loss(model, batch)
+    loss.backward()
+    controller.update_statistics()
+    events = controller.step(opt)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach(), events
+
+
 def finetune(
     model: nn.Module,
     train_blocks: torch.Tensor,
@@ -233,19 +261,10 @@ def finetune(
     (training tokens per second of wall time, evaluation excluded), peak memory,
     the final rank statistics and the growth events.
     """
-    from ..integrations.transformers import attach_drlora
-    from .masked import use_masked_compute
-
-    torch.manual_seed(cfg.seed)
-    handle = attach_drlora(model, cfg.method_config(), total_steps=cfg.steps)
-    if cfg.method == "masked":
-        use_masked_compute(handle.pools)
+    handle, opt = prepare_finetune(model, cfg)
     if on_attach is not None:
         on_attach(handle)
     controller = handle.controller
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(handle, params, cfg)
-    model.train()
 
     record: dict[str, Any] = {"method": cfg.method, "config": cfg.to_dict()}
     eval_curve = [(0, evaluate(model, eval_blocks, batch_size=cfg.eval_batch_size, device=device))]
@@ -261,12 +280,7 @@ def finetune(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
             batch = batch.to(device)
-            loss = lm_loss(model, batch)
-            loss.backward()
-            controller.update_statistics()
-            step_events = controller.step(opt)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, step_events = train_step(model, controller, opt, batch)
             loss_value = loss.item()  # syncs the device, so the timing is complete
             step_seconds.append(time.perf_counter() - t0)
             train_seconds += step_seconds[-1]
