@@ -191,7 +191,7 @@ def _rank_family(base: Workload, mean: int) -> list[Workload]:
 # (E, H, I, R, top_k, tokens, mean rank) per device class
 SHAPES = {
     "gpu": dict(E=64, H=2048, I=1024, R=128, top_k=8, tokens=8192, mean=64),
-    "cpu": dict(E=16, H=512, I=256, R=96, top_k=2, tokens=2048, mean=48),
+    "cpu": dict(E=16, H=512, I=256, R=128, top_k=2, tokens=2048, mean=48),
     "smoke": dict(E=4, H=48, I=40, R=12, top_k=2, tokens=96, mean=6),
 }
 
@@ -272,7 +272,7 @@ class ModelWorkload:
     batch: int = 2
     seq: int = 512
     mean_rank: int = 48
-    r_max: int = 96
+    r_max: int = 128
     rank_skews: tuple[str, ...] = ("ragged", "zipf", "rmaxfew")
     dtype: str = "float32"
 
