@@ -30,7 +30,7 @@ CORE = [
 ]
 # Further families on transformers' experts interface that work with no extra code.
 EXTENDED = [
-    "afmoe", "axk1", "bailing_hybrid", "cohere2_moe", "deepseek_v2", "ernie4_5_moe",
+    "afmoe", "axk1", "bailing_hybrid", "cohere2_moe", "deepseek_v2", "deepseek_v4", "ernie4_5_moe",
     "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "granitemoe", "granitemoe_swa",
     "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "jamba", "kimi_linear",
     "kolibri1", "laguna", "lara_mini", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "qwen3_next",

@@ -76,7 +76,24 @@ def build(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_hash_routing(model, seed)
     return model.eval()
+
+
+@torch.no_grad()
+def _randomize_hash_routing(model: torch.nn.Module, seed: int) -> None:
+    """Fill hash routers' token -> experts tables (DeepSeek-V4's ``tid2eid``) with distinct
+    random experts per token: ``from_config`` leaves them zero, which sends every token to
+    expert 0 and would let a test pass without exercising the other experts."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    for module in model.modules():
+        table = getattr(module, "tid2eid", None)
+        if isinstance(table, torch.Tensor):
+            rows, k = table.shape
+            picks = torch.stack(
+                [torch.randperm(module.num_experts, generator=gen)[:k] for _ in range(rows)]
+            )
+            table.copy_(picks.to(table))
 
 
 def small_config(**overrides) -> DRLoRAConfig:
