@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: all cores; 1 with --smoke)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=None,
+                   help="at least this many interleaved timing rounds per workload (default 5; "
+                        "more rounds steady the medians on a noisy machine, at the cost of time)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -65,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     from .suites import run_layer, run_ops, run_scaling
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    ctx = Context.create(device, args.smoke, log=log)
+    if args.rounds is not None and args.rounds < 1:
+        print(f"bench: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
+        return 2
+    ctx = Context.create(device, args.smoke, log=log, min_rounds=args.rounds)
     log(f"bench: device={device} threads={torch.get_num_threads()} smoke={args.smoke} "
         f"backends={ctx.backends}")  # fmt: skip
     for name, why in ctx.skipped.items():

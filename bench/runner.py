@@ -12,6 +12,7 @@ timed; the command line exits non-zero when any such row exists.
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,10 +56,20 @@ class Context:
     log: Callable[[str], None] = print
 
     @classmethod
-    def create(cls, device: str, smoke: bool, log: Callable[[str], None] = print) -> Context:
+    def create(
+        cls,
+        device: str,
+        smoke: bool,
+        log: Callable[[str], None] = print,
+        min_rounds: int | None = None,
+    ) -> Context:
         dev = torch.device(device)
         backends, skipped = select_backends(dev, smoke)
         policy = SMOKE_POLICY if smoke else TimingPolicy()
+        if min_rounds is not None:
+            policy = dataclasses.replace(
+                policy, min_repeats=min_rounds, max_repeats=max(policy.max_repeats, min_rounds)
+            )
         # Triton's interpreter on a CPU is correct but not a speed: verify it, never time it.
         verify_only = frozenset(ours(b) for b in backends if b == "triton" and dev.type == "cpu")
         return cls(dev, smoke, backends, policy, skipped, verify_only, log)
