@@ -115,3 +115,9 @@ def test_ratio_table_pairs_comparable_rows():
     assert got[("dynamic/uniform", "b")] == pytest.approx(1.1)
     assert got[("(base+lora)/base", "a")] == pytest.approx(1.25)
     assert got[("(base+lora)/base", "b")] == pytest.approx(2.2 / 1.6)
+
+
+def test_min_rounds_sets_the_timing_policy():
+    c = Context.create("cpu", smoke=False, log=lambda s: None, min_rounds=40)
+    assert c.policy.min_repeats == 40 and c.policy.max_repeats >= 40
+    assert Context.create("cpu", smoke=False, log=lambda s: None).policy.min_repeats == 5
