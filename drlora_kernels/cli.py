@@ -250,7 +250,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--speed-rounds", type=int, default=8,
         help="after training, time this many steps of every method interleaved for the "
-        "tokens/s column (0: use the step times of the training runs)",
+        "tokens/s column; holds one model copy per method in memory at once (0: use the "
+        "step times of the training runs instead)",
     )  # fmt: skip
     g.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "native"])
     g.add_argument("--output-dir", default=DEFAULT_TRAIN_DIR)

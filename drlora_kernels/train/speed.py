@@ -39,7 +39,9 @@ def interleaved_step_seconds(
         warmup: untimed steps per method first (allocator, lazy init).
 
     Every method does its full step (loss, backward, DR-LoRA statistics, growth event
-    if one is due, optimizer update) exactly as :func:`loop.finetune` does.
+    if one is due, optimizer update) exactly as :func:`loop.finetune` does. All the
+    methods' models (and optimizer states) are alive at once: memory grows with
+    ``len(methods)``.
     """
     if not batches:
         raise ValueError("batches must hold at least one batch")
