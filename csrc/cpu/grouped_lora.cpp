@@ -70,14 +70,17 @@ struct Groups {
   int64_t rows(int64_t e) const { return off[e + 1] - off[e]; }
 };
 
+// offsets may be undefined (per-slot work that does not look at token rows).
 Groups read_groups(const at::Tensor& ranks, const at::Tensor& offsets,
                    const at::Tensor* scale = nullptr) {
   Groups g;
   auto r = ranks.to(at::kLong).contiguous();
-  auto o = offsets.to(at::kLong).contiguous();
   g.E = r.numel();
   g.rank.assign(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + g.E);
-  g.off.assign(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + g.E + 1);
+  if (offsets.defined()) {
+    auto o = offsets.to(at::kLong).contiguous();
+    g.off.assign(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + g.E + 1);
+  }
   if (scale != nullptr) {
     auto s = scale->to(at::kDouble).contiguous();
     g.scale.assign(s.data_ptr<double>(), s.data_ptr<double>() + g.E);
@@ -512,10 +515,7 @@ std::tuple<at::Tensor, at::Tensor> slot_importance(const at::Tensor& lora_a,
                                                    const at::Tensor& lora_b,
                                                    const at::Tensor& grad_b,
                                                    const at::Tensor& ranks) {
-  Groups g;
-  auto r = ranks.to(at::kLong).contiguous();
-  g.E = r.numel();
-  g.rank.assign(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + g.E);
+  const Groups g = read_groups(ranks, at::Tensor());
   const auto ga = to_acc(grad_a);
   const auto gb = cast_to(grad_b, ga.scalar_type());
   return {slot_importance(cast_to(lora_a, ga.scalar_type()), ga, g, /*rows_layout=*/true),
