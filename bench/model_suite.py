@@ -109,7 +109,7 @@ def _attach(
     """
     controller = dynamic if controller is None else controller
     from drlora_kernels.config import DRLoRAConfig
-    from drlora_kernels.integrations import attach_drlora
+    from drlora_kernels.integrations import attach_drlora, get_drlora
 
     model = copy.deepcopy(base)
     m, R = mw.mean_rank, mw.r_max
@@ -119,7 +119,7 @@ def _attach(
     cfg = DRLoRAConfig(r_init=r_init, r_target=m, r_max=R, grow_every=1, p_grow=min(1.0, p_grow),
                        warmup_steps=0, buffer_steps=0, backend=backend, seed=seed)  # fmt: skip
     total = 100_000 if controller else None
-    handle = attach_drlora(model, cfg, total_steps=total, train_router=False)
+    handle = get_drlora(attach_drlora(model, cfg, total_steps=total, train_router=False))
     gen = torch.Generator().manual_seed(seed + 11)
     with torch.no_grad():
         for layer, pools in enumerate(handle.pools):

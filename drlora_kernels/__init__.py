@@ -39,6 +39,7 @@ _INTEGRATIONS = (
     "DRLoRAModel",
     "attach_drlora",
     "export_peft",
+    "get_drlora",
     "load_drlora",
     "merge_drlora",
     "save_drlora",

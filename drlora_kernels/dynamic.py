@@ -6,8 +6,15 @@ One :class:`DRLoRAController` drives all rank pools of a model. Per optimizer st
         loss = model(micro_batch)              #   controller.record_routing(layer, idx, w)
         loss.backward()
     controller.update_statistics()             # f and g EMAs (all-reduced under DDP)
-    controller.step(optimizer)                 # grows pools at an event, fixes optimizer state
+    controller.step(optimizer)                 # grows pools at an event, fixes optimizer state,
+                                               #   holds the routers still during warmup
     optimizer.step(); optimizer.zero_grad()
+
+The routers are ordinary trainable parameters from the start (SPEC: in the optimizer from
+the start, in sync across data-parallel processes): their ``requires_grad`` never changes, so
+DDP's reducer and an optimizer built right after attaching both see them. "Frozen during
+warmup" means :meth:`DRLoRAController.step` drops their gradients (``grad = None``) before the
+optimizer step, so no ``torch.optim`` optimizer moves them (no update, no weight decay).
 
 ``pools[l]`` lists the adapted projections of MoE layer ``l`` (e.g. ``[gate_up, down]``);
 module ``m = pool_index * E + expert`` (both modules of an expert share its routing
@@ -72,8 +79,8 @@ class DRLoRAController:
             (``config.r_max``) and a device; every layer has the same number of pools.
         config: the hyperparameters (:class:`~drlora_kernels.config.DRLoRAConfig`).
         total_steps: optimizer steps of the whole run (sets the schedule).
-        router_parameters: the routers' parameters, frozen before ``warmup_steps`` when
-            ``config.freeze_router_during_warmup`` (see :meth:`apply_router_freeze`).
+        router_parameters: the routers' parameters: made trainable here and held still before
+            ``warmup_steps`` when ``config.freeze_router_during_warmup`` (see :meth:`hold_frozen_routers`).
         process_group: group for the statistics all-reduce and the decision check
             (default: the world, when ``torch.distributed`` is initialised).
 
@@ -115,7 +122,8 @@ class DRLoRAController:
         self.process_group = process_group
         self.global_step = 0
         self.event_log: list[GrowthEvent] = []
-        self.apply_router_freeze()
+        for p in self.router_parameters:
+            p.requires_grad_(True)
 
     @staticmethod
     def _check_pools(pools: list[list[RankPool]], config: DRLoRAConfig) -> None:
@@ -159,17 +167,17 @@ class DRLoRAController:
         """True before ``warmup_steps`` when ``config.freeze_router_during_warmup``."""
         return self.config.freeze_router_during_warmup and self.global_step < self.warmup_steps
 
-    def apply_router_freeze(self) -> None:
-        """Set ``requires_grad`` of the router parameters to ``not router_frozen``.
+    def hold_frozen_routers(self) -> None:
+        """While :attr:`router_frozen`, drop the routers' gradients so no optimizer updates them.
 
-        Called at construction, after every :meth:`step` and on :meth:`load_state_dict`.
-        (Wrap the model in DDP only after warmup or with ``find_unused_parameters`` if the
-        router's ``requires_grad`` changes during the run.)
+        Called by :meth:`step` (before ``optimizer.step()``). The routers stay
+        ``requires_grad=True`` throughout: toggling it would take them out of an optimizer built
+        while they were frozen and out of DDP's gradient reduction (ranks drifting apart, or
+        "Expected to have finished reduction" with ``find_unused_parameters=False``).
         """
-        trainable = not self.router_frozen
-        for p in self.router_parameters:
-            if p.requires_grad != trainable:
-                p.requires_grad_(trainable)
+        if self.router_frozen:
+            for p in self.router_parameters:
+                p.grad = None
 
     def ranks(self) -> torch.Tensor:
         """Current active ranks, `[L, P, E]` int32 on the pools' device."""
@@ -215,7 +223,8 @@ class DRLoRAController:
     def step(self, optimizer: Optimizer | None = None) -> list[GrowthEvent]:
         """Run the growth event of the current step (if any), then advance the step counter.
 
-        Call right before ``optimizer.step()``, after :meth:`update_statistics`. At an event:
+        Call right before ``optimizer.step()``, after :meth:`update_statistics`. Before
+        ``warmup_steps`` the routers' gradients are dropped (:meth:`hold_frozen_routers`). At an event:
         allocate ranks under the schedule, grow the pools in place (new ``A`` rows drawn from
         :func:`growth_seed`, new ``B`` columns zero), reset the importance of the grown modules
         (all modules with ``reset="all"``) and zero ``optimizer``'s state for the new slots.
@@ -223,10 +232,10 @@ class DRLoRAController:
         Returns:
             The :class:`GrowthEvent` of every module that grew at this step (empty otherwise).
         """
+        self.hold_frozen_routers()
         k = self.schedule.event_index(self.global_step)
         events = self._grow(k, optimizer) if k is not None else []
         self.global_step += 1
-        self.apply_router_freeze()
         return events
 
     def _grow(self, k: int, optimizer: Optimizer | None) -> list[GrowthEvent]:
@@ -378,7 +387,6 @@ class DRLoRAController:
         self.tracker.load_state_dict(state["tracker"])
         self.global_step = int(state["global_step"])
         self.event_log = [GrowthEvent(**ev) for ev in state["event_log"]]
-        self.apply_router_freeze()
 
     def __repr__(self) -> str:
         s = self.rank_summary()

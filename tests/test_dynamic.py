@@ -209,18 +209,30 @@ def test_uniform_baseline_never_grows():
 
 
 @pytest.mark.parametrize("freeze", [True, False])
-def test_router_freeze_during_warmup(freeze):
+def test_router_in_optimizer_from_start_still_during_warmup_then_trains(freeze):
+    """SPEC: the router is in the optimizer from the start, gets no update before warmup_steps
+    (not even weight decay), then trains; ``requires_grad`` never changes (DDP, optimizers)."""
     cfg = DRLoRAConfig(**{**BASE, "warmup_steps": 3, "freeze_router_during_warmup": freeze})
     router = torch.nn.Linear(K, E)
+    router.requires_grad_(False)  # attach froze the base model: the controller makes it trainable
     ctrl = DRLoRAController(make_pools(cfg), cfg, TOTAL, router_parameters=router.parameters())
-    states = []
+    # built right after the controller, as a user would: the router must be in it
+    opt = torch.optim.AdamW(router.parameters(), lr=0.1, weight_decay=0.5)
+    assert all(p.requires_grad for p in router.parameters())
+    moved = []
     for _ in range(5):
-        states.append((ctrl.router_frozen, router.weight.requires_grad, router.bias.requires_grad))
-        ctrl.step()
+        before = router.weight.detach().clone()
+        router(torch.randn(4, K)).square().sum().backward()
+        frozen = ctrl.router_frozen
+        ctrl.step(opt)
+        opt.step()
+        opt.zero_grad()
+        moved.append((frozen, not torch.equal(before, router.weight)))
+        assert all(p.requires_grad for p in router.parameters())
     if freeze:
-        assert states == [(True, False, False)] * 3 + [(False, True, True)] * 2
+        assert moved == [(True, False)] * 3 + [(False, True)] * 2
     else:
-        assert states == [(False, True, True)] * 5
+        assert moved == [(False, True)] * 5
 
 
 def test_decision_hash_tracks_decisions():

@@ -56,8 +56,8 @@ class DRLoRACallback(TrainerCallback):
             Trainer resumes, if it is not ``<output_dir>/checkpoint-<step>``.
         log_layers: add per-layer mean/min/max rank to the logs (the model mean always is).
 
-    Create the Trainer after :func:`attach_drlora`: the routers must be trainable when the
-    Trainer builds its optimizer (the controller freezes their gradient during warmup).
+    Create the Trainer after :func:`attach_drlora`, so its optimizer takes the LoRA pools and the
+    routers (trainable from the start; the controller drops their gradients during warmup).
     """
 
     def __init__(self, model_or_handle, *, resume_from_checkpoint: str | os.PathLike | None = None,
@@ -72,12 +72,6 @@ class DRLoRACallback(TrainerCallback):
         return self.handle.controller
 
     # ------------------------------------------------------------------------------- setup
-    def on_init_end(self, args, state, control, **kwargs):
-        # The Trainer's optimizer only takes parameters that require grad when it is built;
-        # keep the routers in it (their grad stays None while frozen, so they do not move).
-        for p in self.handle.router_parameters:
-            p.requires_grad_(True)
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.controller is None:
             if not state.max_steps or state.max_steps <= 0:
@@ -92,7 +86,6 @@ class DRLoRACallback(TrainerCallback):
             )  # fmt: skip
         if state.global_step > 0:
             self._resume(args, state)
-        self.controller.apply_router_freeze()
         checkpointing = getattr(args, "activation_checkpointing", None) or getattr(
             args, "gradient_checkpointing", False
         )

@@ -4,8 +4,10 @@ A checkpoint is a directory holding
 
 * ``drlora_adapter.safetensors``: per adapted projection ``<name>.lora_A [E, R, K]``,
   ``<name>.lora_B [E, N, R]``, ``<name>.ranks [E]`` (``<name>`` is the qualified parameter
-  name, e.g. ``model.layers.0.mlp.experts.gate_up_proj``), plus the controller's
-  tensors under ``controller.*`` (ranks, frequency and importance EMAs, pending routing);
+  name, e.g. ``model.layers.0.mlp.experts.gate_up_proj``), the trainable routers under
+  ``router.<parameter name>`` (they train after warmup, so they are part of the adapter), plus
+  the controller's tensors under ``controller.*`` (ranks, frequency and importance EMAs,
+  pending routing);
 * ``drlora_config.json``: the :class:`~drlora_kernels.config.DRLoRAConfig`, the pool
   shapes, the ranks, ``total_steps`` and the controller's step counter, schedule
   fingerprint and event log.
@@ -44,6 +46,7 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "drlora_adapter.safetensors"
 CONFIG_NAME = "drlora_config.json"
 _CONTROLLER_PREFIX = "controller."
+_ROUTER_PREFIX = "router."
 # Fields of the config that change the adapter's function; they must match on load.
 _FUNCTIONAL_FIELDS = ("r_max", "r_target", "alpha", "scaling", "target_modules")
 
@@ -122,6 +125,8 @@ def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
         tensors[f"{name}.lora_A"] = pool.lora_A.detach()
         tensors[f"{name}.lora_B"] = pool.lora_B.detach()
         tensors[f"{name}.ranks"] = pool.ranks
+    for name, param in handle.named_router_parameters():
+        tensors[_ROUTER_PREFIX + name] = param.detach()
     controller_meta = None
     if handle.controller is not None:
         ctensors, controller_meta = _split_controller_state(handle.controller.state_dict())
@@ -235,7 +240,7 @@ def load_drlora(
             config = DRLoRAConfig.from_dict(meta["config"])
         except (TypeError, ValueError) as exc:
             raise ValueError(f"corrupted DR-LoRA config in {directory}: {exc}") from None
-        handle = attach_drlora(model_or_handle, config)
+        handle = get_drlora(attach_drlora(model_or_handle, config))
     _check_compatible(handle, meta, directory)
 
     staged: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -268,6 +273,20 @@ def load_drlora(
             )
         staged.append((pool, *parts))
 
+    params = dict(handle.model.named_parameters())
+    routers: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    for key, value in tensors.items():
+        if not key.startswith(_ROUTER_PREFIX):
+            continue
+        name = key[len(_ROUTER_PREFIX) :]
+        param = params.get(name)
+        if param is None or tuple(param.shape) != tuple(value.shape):
+            raise ValueError(
+                f"DR-LoRA weights in {directory}: router parameter {name} "
+                f"{'is not in the model' if param is None else f'has shape {tuple(value.shape)}, the model has {tuple(param.shape)}'}"
+            )
+        routers.append((param, value))
+
     controller_state = None
     if load_controller and meta.get("controller") is not None:
         ctensors = {k: v for k, v in tensors.items() if k.startswith(_CONTROLLER_PREFIX)}
@@ -287,4 +306,6 @@ def load_drlora(
             pool.lora_A.copy_(lora_a)
             pool.lora_B.copy_(lora_b)
             pool.ranks.copy_(ranks)
+        for param, value in routers:
+            param.copy_(value)
     return handle

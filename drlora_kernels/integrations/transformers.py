@@ -288,17 +288,18 @@ def _register_interface() -> None:
 
 
 class DRLoRAModel:
-    """What :func:`attach_drlora` returns: the pools, the config and (optionally) the controller.
+    """The DR-LoRA state of an attached model: pools, config and (optionally) the controller.
 
-    The model itself is unchanged in type; pass ``handle.model`` (or the original model) to a
-    ``Trainer``. Every function of ``drlora_kernels.integrations`` accepts the model or this handle.
+    ``get_drlora(model)`` returns it. The model itself is unchanged in type (pass the model to a
+    ``Trainer``); every function of ``drlora_kernels.integrations`` accepts the model or this handle.
 
     Attributes:
         model: the adapted model.
         config: the :class:`DRLoRAConfig`.
         adapters: ``[(experts_module_name, DRLoRAAdapter)]`` in layer order.
         pools: ``pools[layer][pool_index]``, the controller's layout (module ``m = pool_index * E + expert``).
-        router_parameters: the routers' parameters (frozen by the controller during warmup).
+        router_parameters: the routers' parameters (trainable; the controller keeps them from
+            moving before ``warmup_steps``).
         controller: the :class:`~drlora_kernels.dynamic.DRLoRAController`, or ``None`` until
             :meth:`setup_controller` (or ``attach_drlora(..., total_steps=...)``).
     """
@@ -338,6 +339,13 @@ class DRLoRAModel:
             for p in adapter.projections:
                 yield f"{name}.{p}" if name else p, adapter.pool(p)
 
+    def named_router_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(qualified_name, parameter)`` of the trainable routers (saved with the adapter)."""
+        ids = {id(p) for p in self.router_parameters}
+        for name, p in self.model.named_parameters():
+            if id(p) in ids:
+                yield name, p
+
     def rank_summary(self) -> list[dict[str, float]]:
         """Per layer: mean/min/max active rank over all its modules, and the total."""
         out = []
@@ -359,6 +367,8 @@ class DRLoRAModel:
             a.enabled = bool(enabled)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter to give the optimizer: the LoRA pools and the routers (SPEC: the routers
+        are in the optimizer from the start; the controller holds them still during warmup)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def __repr__(self) -> str:
@@ -410,20 +420,25 @@ def attach_drlora(
     *,
     train_router: bool = True,
     process_group=None,
-) -> DRLoRAModel:
+) -> nn.Module:
     """Add DR-LoRA rank pools to every fused experts module of ``model`` and route it through them.
+
+    Like PEFT's ``get_peft_model``, the call adapts ``model`` in place and returns it, so
+    ``model = attach_drlora(model, config)`` keeps working code working; the pools, the
+    config and the growth controller live on the handle, :func:`get_drlora` ``(model)``.
 
     Args:
         model: a transformers MoE model whose experts use ``@use_experts_implementation``.
         config: the :class:`DRLoRAConfig` (default ``DRLoRAConfig()``).
         total_steps: optimizer steps of the run; when given, the growth controller is created
             (``handle.controller``). Omit it for inference, merging or export.
-        train_router: leave the routers trainable (SPEC: frozen during warmup by the controller,
-            trained after). ``False`` freezes them for the whole run, as plain LoRA does.
+        train_router: make the routers trainable parameters (SPEC: in the optimizer from the start;
+            the controller keeps them from moving before ``warmup_steps``, then they train).
+            ``False`` freezes them for the whole run, as plain LoRA does.
         process_group: data-parallel group the controller all-reduces statistics over.
 
     Returns:
-        The :class:`DRLoRAModel` handle (also stored on the model).
+        ``model`` itself (adapted in place); its :class:`DRLoRAModel` handle is ``get_drlora(model)``.
 
     Raises:
         ValueError: the model has no supported experts module, already has DR-LoRA attached,
@@ -496,4 +511,4 @@ def attach_drlora(
     object.__setattr__(model, _HANDLE_ATTR, handle)
     if total_steps is not None:
         handle.setup_controller(total_steps, process_group=process_group)
-    return handle
+    return model

@@ -219,15 +219,14 @@ def make_optimizer(
 
 def prepare_finetune(model: nn.Module, cfg: FinetuneConfig) -> tuple[Any, torch.optim.Optimizer]:
     """Attach ``cfg.method``'s adapters to ``model`` (in place); return ``(handle, optimizer)``."""
-    from ..integrations.transformers import attach_drlora
+    from ..integrations.transformers import attach_drlora, get_drlora
     from .masked import use_masked_compute
 
     torch.manual_seed(cfg.seed)
-    handle = attach_drlora(model, cfg.method_config(), total_steps=cfg.steps)
+    handle = get_drlora(attach_drlora(model, cfg.method_config(), total_steps=cfg.steps))
     if cfg.method == "masked":
         use_masked_compute(handle.pools)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(handle, params, cfg)
+    opt = make_optimizer(handle, handle.trainable_parameters(), cfg)
     model.train()
     return handle, opt
 

@@ -20,8 +20,9 @@ ATOL = 2e-6  # fp32: transformers' own eager and grouped_mm experts differ by ~1
 
 
 def test_pools_are_submodules_and_base_is_frozen(olmoe):
-    handle = attach_drlora(olmoe, small_config())
-    assert handle is get_drlora(olmoe) and get_drlora(handle) is handle
+    assert attach_drlora(olmoe, small_config()) is olmoe  # PEFT habit: model = attach(model, cfg)
+    handle = get_drlora(olmoe)
+    assert get_drlora(handle) is handle
     assert olmoe.config._experts_implementation == EXPERTS_IMPLEMENTATION
     assert len(handle.pools) == 2 and all(len(layer) == 2 for layer in handle.pools)
     experts = olmoe.model.layers[0].mlp.experts
@@ -58,7 +59,7 @@ def test_fresh_pools_reproduce_the_base_model(base_impl):
     ids = token_batch()
     with torch.no_grad():
         ref = model(ids).logits
-        handle = attach_drlora(model, small_config())
+        handle = get_drlora(attach_drlora(model, small_config()))
         out = model(ids).logits
     assert all(float(p.lora_B.detach().abs().max()) == 0 for _, p in handle.named_pools())
     torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
@@ -66,7 +67,7 @@ def test_fresh_pools_reproduce_the_base_model(base_impl):
 
 def test_random_adapters_match_the_folded_oracle(olmoe):
     base = copy.deepcopy(olmoe)
-    handle = attach_drlora(olmoe, small_config())
+    handle = get_drlora(attach_drlora(olmoe, small_config()))
     randomize_lora(handle)
     with torch.no_grad():  # ragged ranks, NaN in inactive slots: they must not be read
         for _, pool in handle.named_pools():
@@ -90,7 +91,7 @@ def test_random_adapters_match_the_folded_oracle(olmoe):
 
 
 def test_backward_reaches_active_slots_only(olmoe):
-    handle = attach_drlora(olmoe, small_config())
+    handle = get_drlora(attach_drlora(olmoe, small_config()))
     randomize_lora(handle)
     with torch.no_grad():
         for _, pool in handle.named_pools():
@@ -109,7 +110,7 @@ def test_backward_reaches_active_slots_only(olmoe):
 
 def test_disabled_adapter_gives_the_base_model(olmoe):
     base = copy.deepcopy(olmoe)
-    handle = attach_drlora(olmoe, small_config())
+    handle = get_drlora(attach_drlora(olmoe, small_config()))
     randomize_lora(handle)
     ids = token_batch()
     handle.set_enabled(False)
@@ -120,7 +121,7 @@ def test_disabled_adapter_gives_the_base_model(olmoe):
 
 
 def test_routing_is_recorded_in_training_mode_only(olmoe):
-    handle = attach_drlora(olmoe, small_config(), total_steps=10)
+    handle = get_drlora(attach_drlora(olmoe, small_config(), total_steps=10))
     tracker = handle.controller.tracker
     ids = token_batch()
     with torch.no_grad():
@@ -156,7 +157,7 @@ def test_errors_name_the_problem(olmoe):
 
 
 def test_single_target_adapts_only_that_projection(olmoe):
-    handle = attach_drlora(olmoe, small_config(target_modules=("down_proj",)))
+    handle = get_drlora(attach_drlora(olmoe, small_config(target_modules=("down_proj",))))
     assert [n.rsplit(".", 1)[1] for n, _ in handle.named_pools()] == ["down_proj", "down_proj"]
     randomize_lora(handle)
     out = olmoe(token_batch()).logits

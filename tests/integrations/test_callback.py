@@ -8,7 +8,7 @@ from transformers import Trainer, TrainingArguments
 
 from drlora_kernels.integrations.callback import CHECKPOINT_SUBDIR, DRLoRACallback
 from drlora_kernels.integrations.checkpoint import CONFIG_NAME
-from drlora_kernels.integrations.transformers import attach_drlora
+from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 
 from .tiny_models import build, small_config
 
@@ -38,7 +38,7 @@ def _args(out, **kw):
 
 def _run(tmp_path, *, accumulation: int = 1, checkpointing: str | None = None, **kw):
     model = build("olmoe")
-    handle = attach_drlora(model, small_config())
+    handle = get_drlora(attach_drlora(model, small_config()))
     callback = DRLoRACallback(model)
     trainer = Trainer(
         model=model,
@@ -61,7 +61,7 @@ def test_growth_statistics_and_router_freeze(tmp_path, accumulation, checkpointi
     )
     router = model.model.layers[0].mlp.gate.weight
     router_start = router.detach().clone()
-    seen_tokens, router_trainable = [], []
+    seen_tokens, router_values = [], []
     controller = (
         handle.controller
     )  # built by on_train_begin from max_steps, so wrap after train starts
@@ -69,7 +69,7 @@ def test_growth_statistics_and_router_freeze(tmp_path, accumulation, checkpointi
     def spy_update(orig):
         def update(*a, **k):
             seen_tokens.append(handle.controller.tracker.pending_routing()[1].tolist())
-            router_trainable.append(router.requires_grad)
+            router_values.append(router.detach().clone())
             return orig(*a, **k)
 
         return update
@@ -88,8 +88,11 @@ def test_growth_statistics_and_router_freeze(tmp_path, accumulation, checkpointi
 
     # every optimizer step counted every token of every micro-batch exactly once, in both layers
     assert seen_tokens == [[float(accumulation * BATCH * SEQ)] * 2] * 6
-    # router frozen for the warmup step, trained afterwards
-    assert router_trainable == [False] + [True] * 5
+    # the router is in the Trainer's optimizer from the start, held still for the warmup step
+    # (the value before step 1 is the initial one), trained afterwards
+    assert router.requires_grad
+    assert torch.equal(router_values[1], router_start)
+    assert not torch.equal(router_values[2], router_start)
     assert not torch.equal(router.detach(), router_start)
     assert model.is_activation_checkpointing == bool(checkpointing)
     # events at steps 1 and 3 (warmup 1, grow_every 2, floor((6 - 1) / 2) = 2 events); the last fills the budget

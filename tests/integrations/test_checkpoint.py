@@ -34,7 +34,7 @@ def _train_steps(model, handle, steps: int) -> None:
 def test_round_trip_restores_pools_ranks_and_controller(tmp_path):
     model = build("olmoe")
     fresh = copy.deepcopy(model)
-    handle = attach_drlora(model, small_config(), total_steps=8)
+    handle = get_drlora(attach_drlora(model, small_config(), total_steps=8))
     _train_steps(model, handle, 3)  # events at steps 1 and 3: ranks now differ per expert
     assert handle.controller.event_log, "growth should have happened"
     save_drlora(model, tmp_path / "ckpt")
@@ -63,13 +63,13 @@ def test_round_trip_restores_pools_ranks_and_controller(tmp_path):
 
 def test_load_into_attached_model_without_controller(tmp_path):
     model = build("olmoe")
-    handle = attach_drlora(model, small_config())
+    handle = get_drlora(attach_drlora(model, small_config()))
     randomize_lora(handle)
     save_drlora(handle, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
     assert meta["controller"] is None and meta["model_class"] == "OlmoeForCausalLM"
     other = build("olmoe")
-    h2 = attach_drlora(other, small_config())
+    h2 = get_drlora(attach_drlora(other, small_config()))
     load_drlora(other, tmp_path / "a")
     assert h2.controller is None
     assert all(
@@ -84,7 +84,7 @@ def test_mismatches_raise_before_touching_the_model(tmp_path):
     save_drlora(model, tmp_path / "a")
 
     other_rmax = build("olmoe")
-    h = attach_drlora(other_rmax, small_config(r_max=16))
+    h = get_drlora(attach_drlora(other_rmax, small_config(r_max=16)))
     before = [p.lora_A.clone() for _, p in h.named_pools()]
     with pytest.raises(ValueError, match="r_max=8.*r_max=16"):
         load_drlora(other_rmax, tmp_path / "a")
@@ -123,7 +123,7 @@ def test_corrupted_or_missing_files_raise_value_error(tmp_path):
 
 def test_save_replaces_atomically_and_refuses_foreign_directories(tmp_path, monkeypatch):
     model = build("olmoe")
-    handle = attach_drlora(model, small_config())
+    handle = get_drlora(attach_drlora(model, small_config()))
     save_drlora(model, tmp_path / "a")
     original = (tmp_path / "a" / WEIGHTS_NAME).read_bytes()
 

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from drlora_kernels.integrations.transformers import attach_drlora
+from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 
 from .tiny_models import build, fold_into_copy, randomize_lora, small_config, token_batch
 
@@ -50,7 +50,7 @@ def test_family(family):
     ids = token_batch(seed=3)
     with torch.no_grad():
         ref = base(ids, use_cache=False).logits
-        handle = attach_drlora(model, small_config())
+        handle = get_drlora(attach_drlora(model, small_config()))
         torch.testing.assert_close(model(ids, use_cache=False).logits, ref, rtol=0, atol=ATOL)
 
     randomize_lora(handle)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from drlora_kernels.integrations.merge import merge_drlora, unmerge_drlora
-from drlora_kernels.integrations.transformers import attach_drlora
+from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 
 from .tiny_models import build, randomize_lora, small_config, token_batch
 
@@ -19,7 +19,7 @@ from .tiny_models import build, randomize_lora, small_config, token_batch
 def test_merge_then_unmerge(family):
     model = build(family)
     base = copy.deepcopy(model)
-    handle = attach_drlora(model, small_config())
+    handle = get_drlora(attach_drlora(model, small_config()))
     randomize_lora(handle)
     with torch.no_grad():
         for _, pool in handle.named_pools():

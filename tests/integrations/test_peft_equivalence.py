@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from drlora_kernels.integrations.transformers import attach_drlora
+from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 
 from .tiny_models import build, randomize_lora, small_config, token_batch
 
@@ -34,8 +34,10 @@ def _peft_wrappers(peft_model):
 def test_logits_and_lora_gradients_match_peft(family):
     model = build(family)
     base = copy.deepcopy(model)
-    handle = attach_drlora(
-        model, small_config(r_init=R, r_target=R, r_max=8, alpha=6.0), train_router=False
+    handle = get_drlora(
+        attach_drlora(
+            model, small_config(r_init=R, r_target=R, r_max=8, alpha=6.0), train_router=False
+        )
     )
     randomize_lora(handle, std=0.2)
     names = [n for n, _ in handle.named_pools()]

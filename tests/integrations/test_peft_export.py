@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 from drlora_kernels.integrations.peft_export import export_peft
-from drlora_kernels.integrations.transformers import attach_drlora
+from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 
 from .tiny_models import build, randomize_lora, small_config, token_batch
 
@@ -22,7 +22,7 @@ from .tiny_models import build, randomize_lora, small_config, token_batch
 def test_peft_loads_the_export_and_matches(tmp_path, family):
     model = build(family)
     base = copy.deepcopy(model)
-    handle = attach_drlora(model, small_config(alpha=5.0))
+    handle = get_drlora(attach_drlora(model, small_config(alpha=5.0)))
     randomize_lora(handle)
     with (
         torch.no_grad()

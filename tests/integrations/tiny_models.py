@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from drlora_kernels.config import DRLoRAConfig
+from drlora_kernels.integrations.transformers import get_drlora
 
 VOCAB = 128
 HIDDEN = 64
@@ -112,8 +113,9 @@ def small_config(**overrides) -> DRLoRAConfig:
     return DRLoRAConfig(**kw)
 
 
-def randomize_lora(handle, std: float = 0.1, seed: int = 0) -> None:
+def randomize_lora(model_or_handle, std: float = 0.1, seed: int = 0) -> None:
     """Non-zero ``B`` (and fresh ``A``) everywhere, including inactive slots (they must not matter)."""
+    handle = get_drlora(model_or_handle)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, pool in handle.named_pools():
@@ -122,8 +124,9 @@ def randomize_lora(handle, std: float = 0.1, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def fold_into_copy(base_model, handle):
+def fold_into_copy(base_model, model_or_handle):
     """The oracle: a copy of the base model with ``W_e += s B_e[:, :r] A_e[:r]`` (transposed layouts too)."""
+    handle = get_drlora(model_or_handle)
     folded = copy.deepcopy(base_model)
     modules = dict(folded.named_modules())
     for name, pool in handle.named_pools():
