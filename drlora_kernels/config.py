@@ -7,10 +7,12 @@ they all agree on names and defaults.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 ALLOCATIONS = ("per_layer", "global")
+_LAYER_SEGMENTS = "layers|h|blocks|block|layer"  # PEFT's default layers_pattern
 RESETS = ("grown", "all")
 
 
@@ -37,6 +39,23 @@ class DRLoRAConfig:
         target_modules: expert projections to adapt (transformers parameter names).
         seed: seeds the initial A and every growth draw (per layer, module and event).
         backend: op backend (``None``/``"auto"``, ``"reference"``, ``"triton"``, ``"native"``).
+        layers_to_transform: adapt only the MoE layers of these decoder-layer indices (PEFT's
+            ``layers_to_transform``; default all). The index is the integer after the
+            ``layers_pattern`` segment of the experts module's name (``model.layers.3.mlp.experts``
+            -> 3). The controller's layers are the adapted ones, in model order.
+        layers_pattern: the name segment before the layer index (default: ``layers``, ``h``,
+            ``blocks``, ``block`` or ``layer``, as PEFT).
+        rank_pattern: per-projection rank budget (PEFT's ``rank_pattern``): ``{regex: r}``; the
+            first key that matches the end of a projection's qualified parameter name
+            (``model.layers.0.mlp.experts.down_proj``; a key matches the whole name or a dotted
+            suffix, e.g. ``down_proj`` or ``layers\\.0\\..*``) sets that pool's ``r_target`` to
+            ``r`` (``1 <= r <= r_max``). What a per-pool rank means for DR-LoRA, whose ranks move:
+            the pool brings ``E * r`` ranks to its layer's budget (the layer ends with exactly
+            ``sum of its modules' r_target`` active ranks; ``allocation="global"`` sums all
+            layers), its scale is ``alpha / r`` (PEFT's ``lora_alpha / r``), and it starts at
+            ``min(r_init, r)``. Within a layer, ranks still go to the most salient modules: the
+            pattern sets how much a pool brings, not what it keeps. ``r_max`` (the pool size)
+            stays global.
     """
 
     r_init: int = 8
@@ -59,6 +78,10 @@ class DRLoRAConfig:
     seed: int = 0
     backend: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # per-layer targets and ranks (PEFT's layers_to_transform / layers_pattern / rank_pattern)
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.r_max is None:
@@ -90,6 +113,58 @@ class DRLoRAConfig:
             raise ValueError(f"scaling must be 'standard' or 'rslora', got {self.scaling!r}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one expert projection")
+        self._validate_layer_patterns()
+
+    # ---------------------------------------------------- per-layer targets and rank pattern
+    def _validate_layer_patterns(self) -> None:
+        layers = self.layers_to_transform
+        if layers is not None:
+            if isinstance(layers, int) and not isinstance(layers, bool):
+                layers = (layers,)
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise ValueError(
+                    f"layers_to_transform must be a non-empty list of layer indices or None, got {layers!r}"
+                )
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise ValueError(
+                    f"layers_to_transform must hold non-negative ints, got {list(layers)}"
+                )
+            self.layers_to_transform = tuple(sorted(set(layers)))
+        if self.layers_pattern is not None and (
+            not isinstance(self.layers_pattern, str) or not self.layers_pattern
+        ):
+            raise ValueError(
+                f"layers_pattern must be a non-empty string or None, got {self.layers_pattern!r}"
+            )
+        if not isinstance(self.rank_pattern, dict):
+            raise TypeError(
+                f"rank_pattern must be a dict {{regex: rank}}, got {type(self.rank_pattern).__name__}"
+            )
+        self.rank_pattern = dict(self.rank_pattern)
+        for key, r in self.rank_pattern.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"rank_pattern keys must be non-empty regex strings, got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"rank_pattern key {key!r} is not a valid regex: {exc}") from None
+            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.r_max:
+                raise ValueError(
+                    f"rank_pattern[{key!r}] must be an int in [1, r_max={self.r_max}], got {r!r}"
+                )
+
+    def pool_r_target(self, parameter_name: str) -> int:
+        """The ``r_target`` of the pool of ``parameter_name`` (``rank_pattern``, else ``r_target``)."""
+        for key, r in self.rank_pattern.items():
+            if re.fullmatch(rf"(?:.*\.)?(?:{key})", parameter_name):
+                return r
+        return self.r_target
+
+    def layer_index(self, module_name: str) -> int | None:
+        """The decoder-layer index in ``module_name`` (for ``layers_to_transform``), or ``None``."""
+        pattern = re.escape(self.layers_pattern) if self.layers_pattern else _LAYER_SEGMENTS
+        match = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)(?:\.|$)", module_name)
+        return int(match.group(1)) if match else None
 
     @property
     def is_uniform(self) -> bool:
@@ -105,6 +180,8 @@ class DRLoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules)
+        if self.layers_to_transform is not None:
+            d["layers_to_transform"] = list(self.layers_to_transform)
         return d
 
     @classmethod

@@ -106,7 +106,9 @@ class DRLoRAController:
         self.num_layers, self.num_pools = len(self.pools), len(self.pools[0])
         self.num_experts = first.num_experts
         self.num_modules = self.num_pools * self.num_experts
-        self.schedule = GrowthSchedule.from_config(config, total_steps, self.num_modules)
+        self.schedule = GrowthSchedule.from_config(
+            config, total_steps, self.num_modules, module_targets=self._module_targets(config)
+        )
         self.tracker = SaliencyTracker(
             self.num_layers,
             self.num_pools,
@@ -124,6 +126,16 @@ class DRLoRAController:
         self.event_log: list[GrowthEvent] = []
         for p in self.router_parameters:
             p.requires_grad_(True)
+
+    def _module_targets(self, config: DRLoRAConfig) -> list[list[int]] | None:
+        """Per-module ``r_target`` ``[L][M]`` when ``config.rank_pattern`` gave pools their own."""
+        targets = [
+            [pool.r_target for pool in layer for _ in range(pool.num_experts)]
+            for layer in self.pools
+        ]
+        if all(t == config.r_target for row in targets for t in row):
+            return None
+        return targets
 
     @staticmethod
     def _check_pools(pools: list[list[RankPool]], config: DRLoRAConfig) -> None:
@@ -296,7 +308,9 @@ class DRLoRAController:
             ],
             "mean": float(rf.mean()),
             "total": int(r.sum()),
-            "budget": self.num_layers * self.num_modules * self.config.r_target,
+            "budget": self.num_layers * self.num_modules * self.config.r_target
+            if self.schedule.module_targets is None
+            else int(self.schedule.module_targets.sum()),
             "events": len(self.event_log),
         }
 

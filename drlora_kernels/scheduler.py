@@ -61,6 +61,9 @@ class GrowthSchedule:
             (one pool over all ``L * M`` modules, budget ``L * M * r_target``, quota ``L * Q``).
         reset: ``"grown"`` or ``"all"``; recorded here for the controller (the schedule itself
             does not touch statistics).
+        module_targets: optional ``[L][M]`` per-module ``r_target`` (the config's ``rank_pattern``):
+            the budget of a row is the sum of its modules' targets instead of ``M * r_target``,
+            and its quota ``ceil((budget - sum of min(r_init, target)) / T_events)``.
 
     Raises:
         ValueError: ``r_init > r_target``, ``r_target > r_max``, a non-positive size, an unknown
@@ -89,6 +92,7 @@ class GrowthSchedule:
         p_grow: float = 0.1,
         allocation: str = "per_layer",
         reset: str = "grown",
+        module_targets=None,
     ) -> None:
         self.total_steps = _positive_int("total_steps", total_steps)
         self.num_modules = _positive_int("num_modules", num_modules)
@@ -121,7 +125,14 @@ class GrowthSchedule:
         self.events: list[int] = []
         self.quota = 0
         self._event_index: dict[int, int] = {}
-        if r_init == r_target:  # uniform LoRA: nothing to grow, no events
+        self.module_targets = _module_targets(module_targets, num_modules, r_max)
+        self.row_quota = torch.zeros(0, dtype=torch.int64)
+        growth = (
+            r_target - r_init
+            if self.module_targets is None
+            else int((self.module_targets - self.module_targets.clamp(max=r_init)).sum(1).max())
+        )
+        if growth <= 0:  # uniform LoRA: nothing to grow, no events
             return
         n_events = (
             (self.t_end - self.warmup_steps) // grow_every if self.t_end > self.warmup_steps else 0
@@ -134,6 +145,10 @@ class GrowthSchedule:
             )
         self.events = [self.warmup_steps + k * grow_every for k in range(n_events)]
         self.quota = math.ceil(num_modules * (r_target - r_init) / n_events)
+        if self.module_targets is not None:
+            grow_rows = (self.module_targets - self.module_targets.clamp(max=r_init)).sum(1)
+            self.row_quota = torch.ceil(grow_rows.double() / n_events).to(torch.int64)
+            self.quota = int(self.row_quota.max())
         if self.cap == 0 and n_events > 1:
             warnings.warn(
                 f"cap = floor((r_max - r_init) * p_grow) = 0 (r_max={r_max}, r_init={r_init}, "
@@ -144,8 +159,11 @@ class GrowthSchedule:
         self._event_index = {s: k for k, s in enumerate(self.events)}
 
     @classmethod
-    def from_config(cls, cfg: DRLoRAConfig, total_steps: int, num_modules: int) -> GrowthSchedule:
-        """The schedule of a :class:`~drlora_kernels.config.DRLoRAConfig`."""
+    def from_config(
+        cls, cfg: DRLoRAConfig, total_steps: int, num_modules: int, *, module_targets=None
+    ) -> GrowthSchedule:
+        """The schedule of a :class:`~drlora_kernels.config.DRLoRAConfig` (``module_targets``:
+        the pools' ``r_target`` per module when ``cfg.rank_pattern`` makes them differ)."""
         return cls(
             total_steps,
             num_modules,
@@ -158,6 +176,7 @@ class GrowthSchedule:
             p_grow=cfg.p_grow,
             allocation=cfg.allocation,
             reset=cfg.reset,
+            module_targets=module_targets,
         )
 
     @property
@@ -213,7 +232,11 @@ class GrowthSchedule:
                 f"ranks must lie in [0, r_max={self.r_max}], got min {int(r.min())}, max {int(r.max())}"
             )
         L, M = sal.shape
-        if self.allocation == "global":
+        if self.module_targets is not None:
+            target, quota = self._row_budgets(L)
+            if self.allocation == "global":
+                sal, r = sal.reshape(1, L * M), r.reshape(1, L * M)
+        elif self.allocation == "global":
             sal, r = sal.reshape(1, L * M), r.reshape(1, L * M)
             target, quota = L * M * self.r_target, L * self.quota
         else:
@@ -221,7 +244,7 @@ class GrowthSchedule:
         remaining = target - r.sum(dim=1)  # [rows]
         if (remaining < 0).any():
             raise ValueError(
-                f"active ranks already exceed the budget {target} per {'model' if self.allocation == 'global' else 'layer'}: "
+                f"active ranks already exceed the budget {_listed(target)} per {'model' if self.allocation == 'global' else 'layer'}: "
                 f"sums {r.sum(dim=1).tolist()}"
             )
         room = self.r_max - r
@@ -238,6 +261,18 @@ class GrowthSchedule:
         grants = torch.zeros_like(r).scatter_(1, order, grant_sorted)
         return grants.reshape(L, M)
 
+    def _row_budgets(self, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(budget, quota)`` per row from ``module_targets`` (one row for ``allocation="global"``)."""
+        targets = self.module_targets
+        if targets.shape[0] != num_layers:
+            raise ValueError(
+                f"saliency has {num_layers} layers, module_targets has {targets.shape[0]}"
+            )
+        budget, quota = targets.sum(1), self.row_quota
+        if self.allocation == "global":
+            return budget.sum().reshape(1), quota.sum().reshape(1)
+        return budget, quota
+
     def __repr__(self) -> str:
         return (
             f"GrowthSchedule(total_steps={self.total_steps}, M={self.num_modules}, "
@@ -245,3 +280,20 @@ class GrowthSchedule:
             f"[{self.events[0] if self.events else '-'}..{self.events[-1] if self.events else '-'}], "
             f"Q={self.quota}, cap={self.cap}, allocation={self.allocation!r})"
         )
+
+
+def _module_targets(module_targets, num_modules: int, r_max: int) -> torch.Tensor | None:
+    if module_targets is None:
+        return None
+    t = torch.as_tensor(module_targets, dtype=torch.int64)
+    if t.dim() != 2 or t.shape[1] != num_modules or t.shape[0] == 0:
+        raise ValueError(
+            f"module_targets must be [L, M={num_modules}] ints, got shape {tuple(t.shape)}"
+        )
+    if (t < 1).any() or (t > r_max).any():
+        raise ValueError(f"module_targets must lie in [1, r_max={r_max}]")
+    return t
+
+
+def _listed(target) -> object:
+    return target.tolist() if isinstance(target, torch.Tensor) else target
