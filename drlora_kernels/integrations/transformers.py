@@ -47,9 +47,11 @@ __all__ = [
     "DRLoRAModel",
     "ExpertsLayout",
     "attach_drlora",
+    "detach_drlora",
     "drlora_experts_forward",
     "find_experts_modules",
     "get_drlora",
+    "run_drlora_experts",
 ]
 
 EXPERTS_IMPLEMENTATION = "drlora"
@@ -80,6 +82,11 @@ class ExpertsLayout:
     transposed: bool
     has_bias: bool
     num_experts: int
+
+    @property
+    def has_gate(self) -> bool:
+        """The up projection is the fused ``gate_up_proj`` (else a gate-less ``up_proj``)."""
+        return self.projections[0] == "gate_up_proj"
 
     def in_out(self, weight: torch.Tensor) -> tuple[int, int]:
         """``(in_features, out_features)`` of one expert of ``weight``."""
@@ -123,9 +130,32 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
     return ExpertsLayout(projections, bool(module.is_transposed), bool(module.has_bias), int(E))
 
 
+def _experts_with_family(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
+    """``[(name, module, family)]``: ``family`` is ``None`` on the experts interface, else the
+    :class:`~drlora_kernels.integrations.families.ExpertsFamily` that adapts the module."""
+    from .families import find_family
+
+    modules = dict(model.named_modules())
+    found = []
+    for name, module in modules.items():
+        if isinstance(module, (DRLoRAAdapter, RankPool)):
+            continue
+        if _is_interface_experts(module):
+            found.append((name, module, None))
+            continue
+        family = find_family(module, modules.get(name.rpartition(".")[0], model) if name else None)
+        if family is not None:
+            found.append((name, module, family))
+    return found
+
+
 def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``[(qualified_name, module)]`` of every experts module on transformers' experts interface, in order."""
-    return [(n, m) for n, m in model.named_modules() if _is_interface_experts(m)]
+    """``[(qualified_name, module)]`` of every experts module DR-LoRA can adapt, in order.
+
+    Those on transformers' experts interface, and those of the families in
+    :mod:`~drlora_kernels.integrations.families` (Llama4, undecorated top-k experts).
+    """
+    return [(n, m) for n, m, _ in _experts_with_family(model)]
 
 
 def _resolve_targets(
@@ -158,7 +188,9 @@ class DRLoRAAdapter(nn.Module):
         layer: index of this experts module among the adapted ones (the controller's layer).
         layout: the module's :class:`ExpertsLayout`.
         base_implementation: the experts implementation the model used before attaching;
-            run when the adapter is disabled or merged.
+            run when the adapter is disabled or merged (``"eager"`` for the families).
+        family: the :class:`~drlora_kernels.integrations.families.ExpertsFamily` of a module
+            that is not on the experts interface (its forward is replaced), else ``None``.
         merged: the active ranks are folded into the base weights (see ``merge.py``).
         enabled: apply the LoRA update (``False`` gives the base model).
     """
@@ -169,9 +201,11 @@ class DRLoRAAdapter(nn.Module):
         layout: ExpertsLayout,
         pools: dict[str, RankPool],
         base_implementation: str,
+        family=None,
     ):
         super().__init__()
         self.layer = layer
+        self.family = family
         self.layout = layout
         self.base_implementation = base_implementation
         self.merged = False
@@ -197,19 +231,53 @@ class DRLoRAAdapter(nn.Module):
         return f"layer={self.layer}, projections={list(self.projections)}, merged={self.merged}"
 
 
-def _base_grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool
-):
-    """``x_e @ W_e^T`` per expert group, no LoRA: transformers' own grouped GEMM dispatcher.
+def _grouped_mm_accepts(*tensors: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` takes these operands: 16-byte aligned data and non-unit strides.
 
-    ``_grouped_mm`` is private to ``transformers.integrations.moe`` but it is what the
-    ``grouped_mm`` implementation runs (``torch.nn.functional.grouped_mm`` or a per-expert
-    fallback); it takes ``[E, in, out]`` weights and cumulative offsets without the leading 0.
+    ``torch.nn.functional.grouped_mm`` on the CPU raises "strides should be multiple of 16 bytes"
+    otherwise (e.g. GPT-OSS-layout weights at odd sizes).
     """
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def _per_expert_linear(x: torch.Tensor, w_in_out: torch.Tensor, offsets: torch.Tensor):
+    """``x_e @ W_e`` group by group (``W`` as ``[E, in, out]``, any strides): the eager experts' matmuls."""
+    bounds = offsets.tolist()
+    parts = [x[bounds[e] : bounds[e + 1]] @ w_in_out[e] for e in range(w_in_out.shape[0])]
+    return torch.cat(parts) if parts else x.new_zeros((0, w_in_out.shape[-1]))
+
+
+def _base_grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    routing,
+    transposed: bool,
+    implementation: str | None = "grouped_mm",
+) -> torch.Tensor:
+    """``x_e @ W_e^T`` per expert group, no LoRA, computed the way ``implementation`` computes it.
+
+    * ``"grouped_mm"`` (and the GPU-only implementations): transformers' grouped GEMM dispatcher
+      (``_grouped_mm``, private to ``transformers.integrations.moe`` but what the ``grouped_mm``
+      implementation runs; it takes ``[E, in, out]`` weights and cumulative offsets without the
+      leading 0), unless its operands break ``grouped_mm``'s 16-byte stride rule: then the
+      per-expert matmuls below, which take any stride;
+    * ``"batched_mm"``: transformers' batched linear (one weight gathered per row);
+    * ``"eager"`` (the class's own forward): one matmul per expert group.
+    """
+    w = weight if transposed else weight.transpose(-2, -1)  # [E, in, out]
+    if implementation == "batched_mm":
+        from transformers.integrations.moe import _batched_linear
+
+        return _batched_linear(x, weight[routing.expert_index], is_transposed=transposed)
+    if implementation in (None, "eager") or not _grouped_mm_accepts(x.to(w.dtype), w):
+        return _per_expert_linear(x.to(w.dtype), w, routing.offsets)
     from transformers.integrations.moe import _grouped_mm
 
-    w = weight if transposed else weight.transpose(-2, -1)
-    return _grouped_mm(x, w, offsets[1:])
+    return _grouped_mm(x, w, routing.offsets[1:])
 
 
 def _project(
@@ -217,16 +285,17 @@ def _project(
 ) -> torch.Tensor:
     weight = getattr(module, name)
     pool = adapter.pool(name)
-    transposed = adapter.layout.transposed
+    layout = adapter.layout
+    base = adapter.base_implementation
     if pool is None:
-        out = _base_grouped_linear(x, weight, routing.offsets, transposed)
-    elif transposed:
+        out = _base_grouped_linear(x, weight, routing, layout.transposed, base)
+    elif layout.transposed:
         # [E, in, out]: the fused op takes [E, out, in] and a transposed copy per call would cost a
-        # full weight copy, so run the base grouped GEMM and the LoRA-only op side by side.
-        out = _base_grouped_linear(x, weight, routing.offsets, True) + pool(x, routing.offsets)
+        # full weight copy, so run the base GEMM and the LoRA-only op side by side.
+        out = _base_grouped_linear(x, weight, routing, True, base) + pool(x, routing.offsets)
     else:
         out = pool(x, routing.offsets, weight)  # base GEMM + LoRA in one grouped op
-    if adapter.layout.has_bias:
+    if layout.has_bias:
         out = out + getattr(module, f"{name}_bias")[routing.expert_index]
     return out
 
@@ -240,6 +309,45 @@ def _base_forward(module: nn.Module, implementation: str):
     if implementation in (None, "eager", EXPERTS_IMPLEMENTATION):
         return eager
     return ALL_EXPERTS_FUNCTIONS.get_interface(implementation, eager)
+
+
+def _apply_gate(module: nn.Module, layout: ExpertsLayout, h: torch.Tensor) -> torch.Tensor:
+    if not layout.has_gate:
+        return module.act_fn(h)
+    if hasattr(module, "_apply_gate"):  # the interface's default or the family's own (clamps...)
+        return module._apply_gate(h)
+    gate, up = h.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def run_drlora_experts(
+    module: nn.Module,
+    adapter: DRLoRAAdapter,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    weight_inputs: bool = False,
+) -> torch.Tensor:
+    """The experts of ``module`` with the DR-LoRA update on the expert-sorted rows of ``hidden_states``.
+
+    ``hidden_states [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, H]``: up
+    projection, gate (or activation), down projection, each through the pools and the grouped
+    ops; the routing weights scale each expert's output, or its input with ``weight_inputs``
+    (Llama4 scales the tokens before its experts). The routing goes to the controller.
+    """
+    adapter.record(top_k_index, top_k_weights)
+    routing = route_tokens(top_k_index, top_k_weights, adapter.layout.num_experts)
+    x = gather_tokens(hidden_states, routing)
+    if weight_inputs:
+        x = x * routing.weights.to(x.dtype)[:, None]
+    up, down = adapter.layout.projections
+    h = _project(module, adapter, up, x, routing)
+    h = _apply_gate(module, adapter.layout, h)
+    y = _project(module, adapter, down, h, routing)
+    if getattr(module, "has_post_expert_norm", False):
+        y = module.post_expert_norm(y)
+    return scatter_tokens(y, routing, weighted=not weight_inputs).to(hidden_states.dtype)
 
 
 def drlora_experts_forward(
@@ -263,16 +371,7 @@ def drlora_experts_forward(
         return _base_forward(self, adapter.base_implementation)(
             self, hidden_states, top_k_index, top_k_weights
         )
-    adapter.record(top_k_index, top_k_weights)
-    routing = route_tokens(top_k_index, top_k_weights, adapter.layout.num_experts)
-    x = gather_tokens(hidden_states, routing)
-    up, down = adapter.layout.projections
-    h = _project(self, adapter, up, x, routing)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    y = _project(self, adapter, down, h, routing)
-    if getattr(self, "has_post_expert_norm", False):
-        y = self.post_expert_norm(y)
-    return scatter_tokens(y, routing).to(hidden_states.dtype)
+    return run_drlora_experts(self, adapter, hidden_states, top_k_index, top_k_weights)
 
 
 def _register_interface() -> None:
@@ -314,6 +413,9 @@ class DRLoRAModel:
         self.previous_implementation = previous_implementation
         self.controller = None
         self.total_steps: int | None = None
+        # what attach changed on the model, for detach_drlora to put back
+        self.requires_grad_before: list[tuple[nn.Parameter, bool]] = []
+        self.keys_ignored_on_save: set[str] = set()
         for _, a in adapters:
             a._handle = weakref.ref(self)
 
@@ -426,9 +528,16 @@ def attach_drlora(
     Like PEFT's ``get_peft_model``, the call adapts ``model`` in place and returns it, so
     ``model = attach_drlora(model, config)`` keeps working code working; the pools, the
     config and the growth controller live on the handle, :func:`get_drlora` ``(model)``.
+    :func:`detach_drlora` undoes it.
+
+    ``model.save_pretrained`` keeps writing the base model only (the pools' keys are added to
+    the model's ``_keys_to_ignore_on_save``): the adapter is saved by
+    :func:`~drlora_kernels.integrations.save_drlora` or exported by
+    :func:`~drlora_kernels.integrations.export_peft`, as PEFT keeps its adapter out of the base.
 
     Args:
-        model: a transformers MoE model whose experts use ``@use_experts_implementation``.
+        model: a transformers MoE model whose experts use ``@use_experts_implementation``, or
+            one of the families of :mod:`~drlora_kernels.integrations.families` (Llama4...).
         config: the :class:`DRLoRAConfig` (default ``DRLoRAConfig()``).
         total_steps: optimizer steps of the run; when given, the growth controller is created
             (``handle.controller``). Omit it for inference, merging or export.
@@ -442,73 +551,170 @@ def attach_drlora(
 
     Raises:
         ValueError: the model has no supported experts module, already has DR-LoRA attached,
-            or ``config.target_modules`` matches none of its projections.
+            or ``config.target_modules`` (or ``config.layers_to_transform``) matches none of its
+            projections.
     """
     config = DRLoRAConfig() if config is None else config
     if not isinstance(config, DRLoRAConfig):
         raise TypeError(f"config must be a DRLoRAConfig, got {type(config).__name__}")
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} already has DR-LoRA attached")
-    experts = find_experts_modules(model)
-    if not experts:
+    found = _experts_with_family(model)
+    if not found:
         raise ValueError(
             f"{type(model).__name__} has no fused experts module: DR-LoRA supports transformers MoE models whose "
             "experts are 3-D parameters on the experts interface (@use_experts_implementation), e.g. OLMoE, Mixtral, "
-            "Qwen2/3-MoE, DeepSeek-V2/V3, GPT-OSS, PhiMoE"
+            "Qwen2/3-MoE, DeepSeek-V2/V3, GPT-OSS, PhiMoE, and Llama4 (drlora_kernels.integrations.families)"
         )
-    if not hasattr(model, "set_experts_implementation"):
+    found = _select_layers(found, config)
+    on_interface = any(family is None for _, _, family in found)
+    if on_interface and not hasattr(model, "set_experts_implementation"):
         raise ValueError(
             f"{type(model).__name__} is not a transformers PreTrainedModel (no set_experts_implementation)"
         )
-    layouts = [experts_layout(m) for _, m in experts]
+    layouts = [experts_layout(m) if family is None else family.layout(m) for _, m, family in found]
     targets = [
         _resolve_targets(layout, config.target_modules, f"{type(module).__name__} ({name})")
-        for (name, module), layout in zip(experts, layouts)
+        for (name, module, _), layout in zip(found, layouts)
     ]
-    previous = model.get_experts_implementation()
+    names = [
+        [f"{name}.{proj}" if name else proj for proj in projections]
+        for (name, _, _), projections in zip(found, targets)
+    ]
+    pool_targets = [[config.pool_r_target(n) for n in layer] for layer in names]
+    previous = model.get_experts_implementation() if on_interface else None
 
     # Everything is validated: from here on the model changes.
+    requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     adapters: list[tuple[str, DRLoRAAdapter]] = []
-    for layer, ((name, module), layout) in enumerate(zip(experts, layouts)):
-        base_impl = getattr(module.config, "_experts_implementation", None) or "grouped_mm"
-        if base_impl == EXPERTS_IMPLEMENTATION:
-            base_impl = "grouped_mm"
+    modules = dict(model.named_modules())
+    for layer, ((name, module, family), layout) in enumerate(zip(found, layouts)):
+        if family is None:
+            base_impl = getattr(module.config, "_experts_implementation", None) or "grouped_mm"
+            if base_impl == EXPERTS_IMPLEMENTATION:
+                base_impl = "grouped_mm"
+        else:
+            base_impl = "eager"
         pools = {}
         for i, proj in enumerate(targets[layer]):
             weight = getattr(module, proj)
             k, n = layout.in_out(weight)
             gen = torch.Generator().manual_seed(_layer_seed(config.seed, layer, i))
+            r_target = pool_targets[layer][i]
             pool = GroupedLoRALinear(
-                layout.num_experts, k, n, config.r_max, config.r_init,
-                r_target=config.r_target, alpha=config.alpha, scaling=config.scaling,
+                layout.num_experts, k, n, config.r_max, min(config.r_init, r_target),
+                r_target=r_target, alpha=config.alpha, scaling=config.scaling,
                 dtype=weight.dtype, device=weight.device, generator=gen,
             )  # fmt: skip
             pool.backend = config.backend  # instance override of GroupedLoRALinear.backend
             pools[proj] = pool
-        adapter = DRLoRAAdapter(layer, layout, pools, base_impl)
+        adapter = DRLoRAAdapter(layer, layout, pools, base_impl, family)
         module.add_module(ADAPTER_NAME, adapter)
         adapters.append((name, adapter))
+        if family is not None:
+            family.install(module, modules.get(name.rpartition(".")[0], model) if name else None)
 
-    router = _router_parameters(model, [n for n, _ in experts]) if train_router else []
+    router = _router_parameters(model, [n for n, _, _ in found]) if train_router else []
     for p in router:
         p.requires_grad_(True)
 
-    _register_interface()
-    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-    stuck = [
-        n
-        for n, m in experts
-        if getattr(m.config, "_experts_implementation", None) != EXPERTS_IMPLEMENTATION
-    ]
-    if stuck:
-        raise ValueError(
-            f"could not select experts_implementation='drlora' for {type(model).__name__} "
-            f"(modules {stuck[:3]} still dispatch to another implementation)"
-        )
+    if on_interface:
+        _register_interface()
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        stuck = [
+            n
+            for n, m, family in found
+            if family is None
+            and getattr(m.config, "_experts_implementation", None) != EXPERTS_IMPLEMENTATION
+        ]
+        if stuck:
+            raise ValueError(
+                f"could not select experts_implementation='drlora' for {type(model).__name__} "
+                f"(modules {stuck[:3]} still dispatch to another implementation)"
+            )
     handle = DRLoRAModel(model, config, adapters, router, previous)
+    handle.requires_grad_before = requires_grad_before
+    handle.keys_ignored_on_save = _keep_adapter_out_of_save(model, adapters)
     object.__setattr__(model, _HANDLE_ATTR, handle)
     if total_steps is not None:
         handle.setup_controller(total_steps, process_group=process_group)
+    return model
+
+
+def _select_layers(found: list, config: DRLoRAConfig) -> list:
+    """The experts modules of the decoder layers in ``config.layers_to_transform`` (all if unset)."""
+    if config.layers_to_transform is None:
+        return found
+    chosen = []
+    for entry in found:
+        index = config.layer_index(entry[0])
+        if index is None:
+            raise ValueError(
+                f"layers_to_transform={list(config.layers_to_transform)}: cannot read a layer index "
+                f"from {entry[0]!r} (no '<{config.layers_pattern or 'layers'}>.<i>.' in its name)"
+            )
+        if index in config.layers_to_transform:
+            chosen.append(entry)
+    if not chosen:
+        raise ValueError(
+            f"layers_to_transform={list(config.layers_to_transform)} selects none of the MoE layers "
+            f"{[config.layer_index(n) for n, _, _ in found]}"
+        )
+    return chosen
+
+
+def _keep_adapter_out_of_save(model: nn.Module, adapters) -> set[str]:
+    """Add the pools' state-dict keys to ``model._keys_to_ignore_on_save`` (transformers drops
+    them in ``save_pretrained``); returns the keys added, for :func:`detach_drlora`."""
+    keys = {
+        f"{name}.{ADAPTER_NAME}.{k}" if name else f"{ADAPTER_NAME}.{k}"
+        for name, adapter in adapters
+        for k in adapter.state_dict()
+    }
+    existing = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    added = keys - existing
+    model._keys_to_ignore_on_save = existing | keys
+    return added
+
+
+def detach_drlora(model: nn.Module) -> nn.Module:
+    """Undo :func:`attach_drlora`: remove the adapters and give the model back as it was before.
+
+    The experts run their previous implementation again (the families' forwards are restored),
+    the ``drlora`` submodules and the handle are removed, every parameter gets back the
+    ``requires_grad`` it had before attaching, and ``save_pretrained``'s ignore list is restored.
+    The routers keep their values (trained or not); the pools are dropped.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``model`` has no DR-LoRA attached, or an adapter is merged into the base
+            weights (call ``unmerge_drlora(model)`` first, or keep the merged model attached).
+    """
+    handle = get_drlora(model)
+    model = handle.model
+    if any(adapter.merged for _, adapter in handle.adapters):
+        raise ValueError(
+            "detach_drlora needs unmerged adapters: call unmerge_drlora(model) first "
+            "(the merged weights would otherwise keep the update without the adapter)"
+        )
+    modules = dict(model.named_modules())
+    for name, adapter in handle.adapters:
+        module = modules[name] if name else model
+        if adapter.family is not None:
+            adapter.family.uninstall(module, modules.get(name.rpartition(".")[0], model))
+        delattr(module, ADAPTER_NAME)
+        adapter._handle = None
+    if handle.previous_implementation is not None:
+        model.set_experts_implementation(handle.previous_implementation)
+    for p, requires_grad in handle.requires_grad_before:
+        p.requires_grad_(requires_grad)
+    ignored = getattr(model, "_keys_to_ignore_on_save", None)
+    if ignored is not None:
+        model._keys_to_ignore_on_save = set(ignored) - handle.keys_ignored_on_save
+    object.__delattr__(model, _HANDLE_ATTR)
+    handle.controller = None
     return model
