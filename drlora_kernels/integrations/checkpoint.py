@@ -9,13 +9,23 @@ A checkpoint is a directory holding
   the controller's tensors under ``controller.*`` (ranks, frequency and importance EMAs,
   pending routing);
 * ``drlora_config.json``: the :class:`~drlora_kernels.config.DRLoRAConfig`, the pool
-  shapes, the ranks, ``total_steps`` and the controller's step counter, schedule
-  fingerprint and event log.
+  shapes and scales, the ranks, ``total_steps`` and the controller's step counter, schedule
+  fingerprint and event log;
+* ``drlora_manifest.json``, written last: the SHA-256 and size of both files.
 
-Writes go to a temporary sibling directory that replaces the target only when complete,
-so an existing checkpoint is never left half-overwritten. Loading validates everything
-(files, format, pool names and shapes, ``r_max``, rank range) and raises ``ValueError``
-naming the mismatch before any tensor of the model is touched.
+What survives what (``_io.py`` has the protocol): the directory is built beside the target and
+swapped in whole once complete and fsynced, so a process killed at any point of
+:func:`save_drlora` leaves either the previous checkpoint or the new one, complete, where
+:func:`load_drlora` finds it; the leftovers of a killed save are cleaned up by the next save.
+:func:`load_drlora` verifies the manifest (a flipped bit, a truncated file or an edited JSON is
+refused), cross-checks the JSON against the tensors (ranks, scales, step counter, event log)
+and validates everything against the model before the first tensor of the model changes; if
+applying still fails, the model is restored exactly (a model that ``load_drlora`` attached
+itself is detached again).
+
+Saving is two steps, :func:`collect_checkpoint` (the tensors and the JSON of a handle) and
+:func:`write_checkpoint` (atomic write with manifest), so a distributed engine can gather
+sharded tensors between them and write on one process only.
 """
 
 from __future__ import annotations
@@ -30,19 +40,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import DRLoRAConfig
-from ._io import atomic_directory
-from .transformers import DRLoRAModel, attach_drlora, get_drlora
+from ..pool import lora_scale
+from ._io import atomic_directory, recover_directory, verify_directory
+from .transformers import DRLoRAModel, attach_drlora, detach_drlora, get_drlora
 
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
+    "collect_checkpoint",
     "load_drlora",
     "read_drlora_config",
     "save_drlora",
+    "write_checkpoint",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with drlora_manifest.json (SHA-256 of every file)
 WEIGHTS_NAME = "drlora_adapter.safetensors"
 CONFIG_NAME = "drlora_config.json"
 _CONTROLLER_PREFIX = "controller."
@@ -63,6 +76,7 @@ def _pool_entries(handle: DRLoRAModel) -> list[dict[str, Any]]:
                 "in_features": pool.in_features,
                 "out_features": pool.out_features,
                 "r_max": pool.r_max,
+                "r_target": pool.r_target,
                 "scaling": pool.scaling,
                 "dtype": str(pool.lora_A.dtype).removeprefix("torch."),
             })  # fmt: skip
@@ -106,20 +120,12 @@ def _join_controller_state(
     return state
 
 
-def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
-    """Write the adapter (pools, ranks, config, controller state) to ``directory``.
+def collect_checkpoint(model_or_handle) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors (detached, CPU, contiguous) and the JSON metadata of a checkpoint of ``model``.
 
-    ``directory`` is created, or atomically replaced if it already holds a DR-LoRA
-    checkpoint; a non-empty directory holding anything else is refused.
-
-    Returns:
-        The checkpoint directory.
-
-    Raises:
-        ValueError: ``directory`` exists and is not a DR-LoRA checkpoint.
+    The first half of :func:`save_drlora`; :func:`write_checkpoint` is the second.
     """
     handle = get_drlora(model_or_handle)
-    target = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     for name, pool in handle.named_pools():
         tensors[f"{name}.lora_A"] = pool.lora_A.detach()
@@ -140,8 +146,20 @@ def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
         "ranks": {name: pool.ranks.tolist() for name, pool in handle.named_pools()},
         "controller": controller_meta,
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # copies: a snapshot that later training steps cannot change before it is written
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    return tensors, meta
 
+
+def write_checkpoint(
+    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> Path:
+    """Write ``tensors`` and ``meta`` (from :func:`collect_checkpoint`) to ``directory`` atomically.
+
+    Raises:
+        ValueError: ``directory`` exists and is not a DR-LoRA checkpoint.
+    """
+    target = Path(directory)
     with atomic_directory(target, CONFIG_NAME) as tmp:
         save_file(
             tensors,
@@ -152,11 +170,39 @@ def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
     return target
 
 
-def read_drlora_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``drlora_config.json`` of a checkpoint (``ValueError`` if missing or corrupted)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
+def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
+    """Write the adapter (pools, ranks, routers, config, controller state) to ``directory``.
+
+    ``directory`` is created, or replaced as a whole if it already holds a DR-LoRA checkpoint
+    (a kill at any point leaves the old or the new checkpoint, complete; see the module
+    docstring); a non-empty directory holding anything else is refused.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        ValueError: ``directory`` exists and is not a DR-LoRA checkpoint.
+    """
+    tensors, meta = collect_checkpoint(model_or_handle)
+    return write_checkpoint(directory, tensors, meta)
+
+
+def _verified(directory: str | os.PathLike) -> Path:
+    directory = Path(directory)
+    recover_directory(directory)  # a save killed between its two renames (non-Linux fallback)
+    if not (directory / CONFIG_NAME).is_file():
         raise ValueError(f"no DR-LoRA checkpoint in {directory} (missing {CONFIG_NAME})")
+    verify_directory(directory)
+    return directory
+
+
+def read_drlora_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``drlora_config.json`` of a checkpoint, after checking the manifest.
+
+    Raises:
+        ValueError: missing files, a checksum mismatch, invalid JSON or an unsupported format.
+    """
+    path = _verified(directory) / CONFIG_NAME
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -190,11 +236,92 @@ def _check_compatible(handle: DRLoRAModel, meta: dict[str, Any], directory) -> N
             f"pools missing from the checkpoint {missing[:3]}, unknown pools {extra[:3]}"
         )
     for name, entry in current.items():
-        for key in ("num_experts", "in_features", "out_features", "r_max"):
+        for key in ("num_experts", "in_features", "out_features", "r_max", "r_target"):
             if saved[name].get(key) != entry[key]:
                 raise ValueError(
                     f"checkpoint {directory}: pool {name} has {key}={saved[name].get(key)}, the model's has {entry[key]}"
                 )
+        if not _same_float(saved[name].get("scaling"), entry["scaling"]):
+            raise ValueError(
+                f"checkpoint {directory}: pool {name} has scaling={saved[name].get('scaling')}, "
+                f"the model's has {entry['scaling']}"
+            )
+
+
+def _same_float(a: Any, b: float) -> bool:
+    return isinstance(a, (int, float)) and abs(float(a) - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def _cross_check(meta: dict[str, Any], tensors: dict[str, torch.Tensor], directory) -> None:
+    """The JSON fields that change behaviour agree with the tensors and with each other."""
+    where = f"inconsistent DR-LoRA checkpoint {directory}"
+    cfg = meta["config"]
+    for entry in meta["pools"]:
+        name = entry.get("name")
+        ranks = tensors.get(f"{name}.ranks")
+        if ranks is None:
+            raise ValueError(
+                f"corrupted DR-LoRA weights in {directory}: missing tensor {name}.ranks"
+            )
+        if meta["ranks"].get(name) != ranks.tolist():
+            raise ValueError(
+                f"{where}: the JSON ranks of {name} differ from the {name}.ranks tensor"
+            )
+        try:
+            expected = lora_scale(cfg["alpha"], entry["r_target"], cfg["scaling"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: pool {name}: {exc}") from None
+        if not _same_float(entry.get("scaling"), expected):
+            raise ValueError(
+                f"{where}: pool {name} records scaling={entry.get('scaling')}, but alpha={cfg['alpha']}, "
+                f"r_target={entry['r_target']} and scaling={cfg['scaling']!r} give {expected}"
+            )
+    controller = meta.get("controller")
+    if controller is None:
+        return
+    step = controller.get("global_step")
+    log = controller.get("event_log")
+    if not isinstance(step, int) or step < 0 or not isinstance(log, list):
+        raise ValueError(f"{where}: controller global_step / event_log are malformed")
+    ctrl_ranks = tensors.get(_CONTROLLER_PREFIX + "ranks")
+    by_layer: dict[int, list[str]] = {}
+    for entry in meta["pools"]:
+        by_layer.setdefault(entry["layer"], []).append(entry["name"])
+    try:
+        pool_ranks = torch.stack(
+            [torch.stack([tensors[f"{n}.ranks"] for n in by_layer[l]]) for l in sorted(by_layer)]
+        )
+    except (KeyError, RuntimeError) as exc:
+        raise ValueError(
+            f"{where}: pool ranks do not form the controller's layout ({exc})"
+        ) from None
+    if ctrl_ranks is None or not torch.equal(
+        ctrl_ranks.to(torch.int64), pool_ranks.to(torch.int64)
+    ):
+        raise ValueError(f"{where}: the controller's ranks differ from the pools' ranks")
+    num_experts = pool_ranks.shape[-1]
+    last_rank: dict[tuple[int, int], int] = {}
+    previous_step = -1
+    for ev in log:
+        try:
+            ev_step, layer, module, new = ev["step"], ev["layer"], ev["module"], ev["new_rank"]
+        except (KeyError, TypeError):
+            raise ValueError(f"{where}: malformed event {ev!r}") from None
+        if not previous_step <= ev_step < step:
+            raise ValueError(
+                f"{where}: event at step {ev_step} is out of order or not before global_step={step}"
+            )
+        previous_step = ev_step
+        last_rank[(layer, module)] = new
+    for (layer, module), new in last_rank.items():
+        p, e = divmod(module, num_experts)
+        if not (0 <= layer < pool_ranks.shape[0] and 0 <= p < pool_ranks.shape[1]):
+            raise ValueError(f"{where}: event of unknown module (layer {layer}, module {module})")
+        if int(pool_ranks[layer, p, e]) != new:
+            raise ValueError(
+                f"{where}: the event log ends module {module} of layer {layer} at rank {new}, "
+                f"its saved rank is {int(pool_ranks[layer, p, e])}"
+            )
 
 
 def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -207,43 +334,8 @@ def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"corrupted DR-LoRA weights {path}: {exc}") from None
 
 
-def load_drlora(
-    model_or_handle, directory: str | os.PathLike, *, load_controller: bool = True
-) -> DRLoRAModel:
-    """Load a :func:`save_drlora` checkpoint into ``model`` (attaching DR-LoRA first if needed).
-
-    A model without DR-LoRA is attached with the saved config (and the saved ``total_steps``,
-    so the controller exists when the checkpoint holds controller state). An attached model
-    must match the checkpoint: same pools (names, ``E``, in/out sizes), same ``r_max``,
-    ``r_target``, ``alpha``, ``scaling`` and targets.
-
-    Args:
-        model_or_handle: the model or its :class:`DRLoRAModel`.
-        directory: the checkpoint directory.
-        load_controller: also restore the controller's statistics, step and event log.
-
-    Returns:
-        The handle.
-
-    Raises:
-        ValueError: missing or corrupted files, or a checkpoint that does not fit the model.
-    """
-    directory = Path(directory)
-    meta = read_drlora_config(directory)
-    tensors = _load_tensors(directory)
-    try:
-        handle = get_drlora(model_or_handle)
-    except ValueError:
-        handle = None
-    if handle is None:
-        try:
-            config = DRLoRAConfig.from_dict(meta["config"])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"corrupted DR-LoRA config in {directory}: {exc}") from None
-        handle = get_drlora(attach_drlora(model_or_handle, config))
-    _check_compatible(handle, meta, directory)
-
-    staged: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+def _stage_pools(handle: DRLoRAModel, tensors: dict[str, torch.Tensor], directory) -> list:
+    staged = []
     for name, pool in handle.named_pools():
         parts = []
         for suffix, like in (
@@ -272,9 +364,12 @@ def load_drlora(
                 f"DR-LoRA weights in {directory}: {name}.ranks must be integers in [0, {pool.r_max}]"
             )
         staged.append((pool, *parts))
+    return staged
 
+
+def _stage_routers(handle: DRLoRAModel, tensors: dict[str, torch.Tensor], directory) -> list:
     params = dict(handle.model.named_parameters())
-    routers: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    routers = []
     for key, value in tensors.items():
         if not key.startswith(_ROUTER_PREFIX):
             continue
@@ -286,26 +381,113 @@ def load_drlora(
                 f"{'is not in the model' if param is None else f'has shape {tuple(value.shape)}, the model has {tuple(param.shape)}'}"
             )
         routers.append((param, value))
+    return routers
 
+
+def _snapshot(handle: DRLoRAModel) -> dict[str, Any]:
+    """Everything :func:`load_drlora` may change, to put back if applying fails."""
+    return {
+        "pools": [
+            (pool, pool.lora_A.detach().clone(), pool.lora_B.detach().clone(), pool.ranks.clone())
+            for _, pool in handle.named_pools()
+        ],
+        "routers": [(p, p.detach().clone()) for _, p in handle.named_router_parameters()],
+        "controller": handle.controller,
+        "controller_state": handle.controller.state_dict() if handle.controller else None,
+        "total_steps": handle.total_steps,
+    }
+
+
+@torch.no_grad()
+def _restore(handle: DRLoRAModel, snap: dict[str, Any]) -> None:
+    for pool, lora_a, lora_b, ranks in snap["pools"]:
+        pool.lora_A.copy_(lora_a)
+        pool.lora_B.copy_(lora_b)
+        pool.ranks.copy_(ranks)
+    for param, value in snap["routers"]:
+        param.copy_(value)
+    handle.controller, handle.total_steps = snap["controller"], snap["total_steps"]
+    if snap["controller_state"] is not None:
+        handle.controller.load_state_dict(snap["controller_state"])
+
+
+def load_drlora(
+    model_or_handle, directory: str | os.PathLike, *, load_controller: bool = True
+) -> DRLoRAModel:
+    """Load a :func:`save_drlora` checkpoint into ``model`` (attaching DR-LoRA first if needed).
+
+    A model without DR-LoRA is attached with the saved config (and the saved ``total_steps``,
+    so the controller exists when the checkpoint holds controller state). An attached model
+    must match the checkpoint: same pools (names, ``E``, in/out sizes, scales), same ``r_max``,
+    ``r_target``, ``alpha``, ``scaling`` and targets.
+
+    The files are verified against the manifest and the JSON against the tensors first; a
+    checkpoint that fails any check leaves the model exactly as it was (a model this call
+    attached is detached again, see :func:`~drlora_kernels.integrations.detach_drlora`).
+
+    Args:
+        model_or_handle: the model or its :class:`DRLoRAModel`.
+        directory: the checkpoint directory.
+        load_controller: also restore the controller's statistics, step and event log.
+
+    Returns:
+        The handle.
+
+    Raises:
+        ValueError: missing or corrupted files (checksum mismatch), inconsistent metadata, or a
+            checkpoint that does not fit the model.
+    """
+    directory = Path(directory)
+    meta = read_drlora_config(directory)
+    tensors = _load_tensors(directory)
+    _cross_check(meta, tensors, directory)
+    try:
+        handle = get_drlora(model_or_handle)
+    except ValueError:
+        handle = None
+    attached_here = handle is None
+    if attached_here:
+        try:
+            config = DRLoRAConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"corrupted DR-LoRA config in {directory}: {exc}") from None
+        handle = get_drlora(attach_drlora(model_or_handle, config))
+    try:
+        _apply(handle, meta, tensors, directory, load_controller=load_controller)
+    except BaseException:
+        if attached_here:
+            detach_drlora(handle.model)
+        raise
+    return handle
+
+
+def _apply(handle: DRLoRAModel, meta, tensors, directory, *, load_controller: bool) -> None:
+    """Validate the checkpoint against ``handle``, then copy it in (all or nothing)."""
+    _check_compatible(handle, meta, directory)
+    staged = _stage_pools(handle, tensors, directory)
+    routers = _stage_routers(handle, tensors, directory)
     controller_state = None
     if load_controller and meta.get("controller") is not None:
         ctensors = {k: v for k, v in tensors.items() if k.startswith(_CONTROLLER_PREFIX)}
         controller_state = _join_controller_state(ctensors, meta["controller"])
-        if handle.controller is None:
-            total = meta.get("total_steps")
-            if not isinstance(total, int):
-                raise ValueError(
-                    f"corrupted DR-LoRA checkpoint {directory}: controller state without total_steps"
-                )
-            handle.setup_controller(total)
+        if handle.controller is None and not isinstance(meta.get("total_steps"), int):
+            raise ValueError(
+                f"corrupted DR-LoRA checkpoint {directory}: controller state without total_steps"
+            )
 
-    if controller_state is not None:  # validates the schedule before anything changes
-        handle.controller.load_state_dict(controller_state)
-    with torch.no_grad():
-        for pool, lora_a, lora_b, ranks in staged:
-            pool.lora_A.copy_(lora_a)
-            pool.lora_B.copy_(lora_b)
-            pool.ranks.copy_(ranks)
-        for param, value in routers:
-            param.copy_(value)
-    return handle
+    snap = _snapshot(handle)
+    try:
+        if controller_state is not None:
+            if handle.controller is None:
+                handle.setup_controller(meta["total_steps"])
+            handle.controller.load_state_dict(controller_state)  # validates the schedule first
+        with torch.no_grad():
+            for pool, lora_a, lora_b, ranks in staged:
+                pool.lora_A.copy_(lora_a)
+                pool.lora_B.copy_(lora_b)
+                pool.ranks.copy_(ranks)
+            for param, value in routers:
+                param.copy_(value)
+    except BaseException:
+        _restore(handle, snap)
+        raise

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from drlora_kernels.integrations._io import MANIFEST_NAME
 from drlora_kernels.integrations.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -38,7 +39,11 @@ def test_round_trip_restores_pools_ranks_and_controller(tmp_path):
     _train_steps(model, handle, 3)  # events at steps 1 and 3: ranks now differ per expert
     assert handle.controller.event_log, "growth should have happened"
     save_drlora(model, tmp_path / "ckpt")
-    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {CONFIG_NAME, WEIGHTS_NAME}
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        MANIFEST_NAME,
+    }
 
     loaded = load_drlora(fresh, tmp_path / "ckpt")  # attaches with the saved config
     assert loaded is get_drlora(fresh) and loaded.total_steps == 8
@@ -107,17 +112,15 @@ def test_corrupted_or_missing_files_raise_value_error(tmp_path):
     save_drlora(model, tmp_path / "a")
     weights = tmp_path / "a" / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="corrupted DR-LoRA weights"):
+    with pytest.raises(ValueError, match="truncated"):
         load_drlora(model, tmp_path / "a")
     save_drlora(model, tmp_path / "b")
     (tmp_path / "b" / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(ValueError, match="corrupted DR-LoRA checkpoint"):
+    with pytest.raises(ValueError, match="drlora_config.json has 9 bytes"):
         load_drlora(model, tmp_path / "b")
     save_drlora(model, tmp_path / "c")
-    meta = json.loads((tmp_path / "c" / CONFIG_NAME).read_text())
-    meta["format"] = 99
-    (tmp_path / "c" / CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="format 99"):
+    (tmp_path / "c" / MANIFEST_NAME).unlink()
+    with pytest.raises(ValueError, match=f"has no {MANIFEST_NAME}"):
         load_drlora(model, tmp_path / "c")
 
 
