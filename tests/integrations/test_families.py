@@ -27,6 +27,7 @@ CORE = [
     "gpt_oss",  # transposed [E, H, 2I], interleaved gate/up, biases, clamped SwiGLU
     "phimoe",
     "nemotron_h",  # no gate: up_proj [E, I, H]
+    "llama4_text",  # off the interface (families.py): [E, H, 2I], scores scale the inputs
 ]
 # Further families on transformers' experts interface that work with no extra code.
 EXTENDED = [

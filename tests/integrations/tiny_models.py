@@ -129,14 +129,14 @@ def fold_into_copy(base_model, model_or_handle):
     handle = get_drlora(model_or_handle)
     folded = copy.deepcopy(base_model)
     modules = dict(folded.named_modules())
-    for name, pool in handle.named_pools():
-        module_name, _, param = name.rpartition(".")
-        module = modules[module_name]
-        weight = getattr(module, param)
-        for e in range(pool.num_experts):
-            r = int(pool.ranks[e])
-            delta = pool.scaling * pool.lora_B[e, :, :r].double() @ pool.lora_A[e, :r].double()
-            weight[e] += (delta.T if module.is_transposed else delta).to(weight.dtype)
+    for name, adapter in handle.adapters:
+        module = modules[name]
+        for param in adapter.projections:
+            pool, weight = adapter.pool(param), getattr(module, param)
+            for e in range(pool.num_experts):
+                r = int(pool.ranks[e])
+                delta = pool.scaling * pool.lora_B[e, :, :r].double() @ pool.lora_A[e, :r].double()
+                weight[e] += (delta.T if adapter.layout.transposed else delta).to(weight.dtype)
     return folded
 
 
