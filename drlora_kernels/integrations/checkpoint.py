@@ -61,7 +61,9 @@ CONFIG_NAME = "drlora_config.json"
 _CONTROLLER_PREFIX = "controller."
 _ROUTER_PREFIX = "router."
 # Fields of the config that change the adapter's function; they must match on load.
-_FUNCTIONAL_FIELDS = ("r_max", "r_target", "alpha", "scaling", "target_modules")
+_FUNCTIONAL_FIELDS = (
+    "r_max", "r_target", "alpha", "scaling", "target_modules", "layers_to_transform", "rank_pattern",
+)  # fmt: skip
 
 
 def _pool_entries(handle: DRLoRAModel) -> list[dict[str, Any]]:
@@ -191,7 +193,12 @@ def _verified(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     recover_directory(directory)  # a save killed between its two renames (non-Linux fallback)
     if not (directory / CONFIG_NAME).is_file():
-        raise ValueError(f"no DR-LoRA checkpoint in {directory} (missing {CONFIG_NAME})")
+        hint = (
+            ": it holds a PEFT adapter, read it with import_peft(model, directory)"
+            if (directory / "adapter_config.json").is_file()
+            else ""
+        )
+        raise ValueError(f"no DR-LoRA checkpoint in {directory} (missing {CONFIG_NAME}){hint}")
     verify_directory(directory)
     return directory
 
