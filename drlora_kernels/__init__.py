@@ -44,6 +44,7 @@ _INTEGRATIONS = (
     "import_peft",
     "load_drlora",
     "merge_drlora",
+    "read_training_state",
     "save_drlora",
     "unmerge_drlora",
 )

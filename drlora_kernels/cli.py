@@ -54,11 +54,11 @@ def _demo(args: argparse.Namespace) -> int:
     return _run_and_print(spec, run_dir, progress=not args.no_progress)
 
 
-def _run_and_print(spec, run_dir: str, *, progress: bool) -> int:
+def _run_and_print(spec, run_dir: str, *, progress: bool, resume_run: bool = False) -> int:
     from .train.pipeline import run_comparison
 
     t0 = time.perf_counter()
-    payload = run_comparison(spec, run_dir, progress=progress)
+    payload = run_comparison(spec, run_dir, progress=progress, resume_run=resume_run)
     print()
     print((Path(run_dir) / "summary.txt").read_text().rstrip())
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; outputs in {run_dir}/:")
@@ -119,6 +119,58 @@ def _apply_config_file(
     return parser.parse_args(argv)
 
 
+def check_device(device: str) -> None:
+    """Raise ``ValueError`` (one line) unless ``device`` names a device this torch can use."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {device!r} is not a device name ({exc})") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch was built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA device is visible"
+            )
+            raise ValueError(
+                f"--device {device}: CUDA is not available ({why}; torch {torch.__version__})"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: there are {torch.cuda.device_count()} CUDA devices"
+            )
+        return
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"--device {device}: {dev.type} is not available on this machine")
+
+
+# flags that may accompany --resume (everything else comes from the run directory)
+_RESUME_FLAGS = {"resume", "threads", "no_progress", "config", "func", "command"}
+
+
+def _resume_spec(args: argparse.Namespace, train_parser: argparse.ArgumentParser):
+    from .train.resume import load_spec
+
+    changed = sorted(
+        "--" + dest.replace("_", "-")
+        for dest, value in vars(args).items()
+        if dest not in _RESUME_FLAGS and value != train_parser.get_default(dest)
+    )
+    if changed:
+        raise ValueError(
+            f"--resume takes the run's settings from {args.resume}/run_spec.json; drop {', '.join(changed)}"
+        )
+    spec = load_spec(args.resume)
+    check_device(spec.device)
+    return spec
+
+
 def _train_spec(args: argparse.Namespace):
     from .config import DRLoRAConfig
     from .train import loop
@@ -130,6 +182,7 @@ def _train_spec(args: argparse.Namespace):
         raise ValueError(
             f"--model must be one of {ARCHITECTURES} or a local model directory, got {args.model!r}"
         )
+    check_device(args.device)
     methods = tuple(m for item in args.method for m in item.split(",") if m)
     drl = DRLoRAConfig(
         r_init=args.r_init,
@@ -170,19 +223,27 @@ def _train_spec(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         speed_rounds=args.speed_rounds,
+        checkpoint_every=args.eval_interval
+        if args.checkpoint_every is None
+        else args.checkpoint_every,
     )
 
 
 def _train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     try:
-        spec = _train_spec(args)
+        if args.resume is not None:
+            spec, run_dir = _resume_spec(args, build_parser()[1]["train"]), args.resume
+        else:
+            spec, run_dir = _train_spec(args), args.output_dir
     except ValueError as exc:  # bad flag values: say which, without a traceback
         print(f"drlora train: error: {exc}", file=sys.stderr)
         return 2
     if spec.model_path is None and spec.pretrain.steps == 0:
         print("note: --pretrain-steps 0: fine-tuning a randomly initialised model")
-    return _run_and_print(spec, args.output_dir, progress=not args.no_progress)
+    return _run_and_print(
+        spec, run_dir, progress=not args.no_progress, resume_run=args.resume is not None
+    )
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -255,6 +316,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "native"])
     g.add_argument("--output-dir", default=DEFAULT_TRAIN_DIR)
+    g.add_argument(
+        "--checkpoint-every", type=int, default=None,
+        help="save the fine-tuning state every N steps for --resume (default: --eval-interval; 0: never)",
+    )  # fmt: skip
+    g.add_argument(
+        "--resume", metavar="RUN_DIR", default=None,
+        help="continue an interrupted run in RUN_DIR (its output dir) where it stopped, with its own settings",
+    )  # fmt: skip
     g.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )

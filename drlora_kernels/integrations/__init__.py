@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from .callback import DRLoRACallback
-from .checkpoint import load_drlora, save_drlora
+from .checkpoint import load_drlora, read_training_state, save_drlora
 from .merge import merge_drlora, unmerge_drlora
 from .peft_export import export_peft
 from .peft_import import import_peft
@@ -39,6 +39,7 @@ __all__ = [
     "import_peft",
     "load_drlora",
     "merge_drlora",
+    "read_training_state",
     "save_drlora",
     "unmerge_drlora",
 ]

@@ -11,7 +11,10 @@ A checkpoint is a directory holding
 * ``drlora_config.json``: the :class:`~drlora_kernels.config.DRLoRAConfig`, the pool
   shapes and scales, the ranks, ``total_steps`` and the controller's step counter, schedule
   fingerprint and event log;
-* ``drlora_manifest.json``, written last: the SHA-256 and size of both files.
+* optionally ``training_state.pt`` (``save_drlora(..., training_state=...)``): whatever the
+  training loop needs to resume exactly (optimizer state, step, RNG...), in the same atomic
+  directory, read back with :func:`read_training_state`;
+* ``drlora_manifest.json``, written last: the SHA-256 and size of every file.
 
 What survives what (``_io.py`` has the protocol): the directory is built beside the target and
 swapped in whole once complete and fsynced, so a process killed at any point of
@@ -51,6 +54,7 @@ __all__ = [
     "collect_checkpoint",
     "load_drlora",
     "read_drlora_config",
+    "read_training_state",
     "save_drlora",
     "write_checkpoint",
 ]
@@ -58,6 +62,7 @@ __all__ = [
 FORMAT_VERSION = 2  # 2: with drlora_manifest.json (SHA-256 of every file)
 WEIGHTS_NAME = "drlora_adapter.safetensors"
 CONFIG_NAME = "drlora_config.json"
+TRAINING_STATE_NAME = "training_state.pt"
 _CONTROLLER_PREFIX = "controller."
 _ROUTER_PREFIX = "router."
 # Fields of the config that change the adapter's function; they must match on load.
@@ -154,9 +159,14 @@ def collect_checkpoint(model_or_handle) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def write_checkpoint(
-    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``tensors`` and ``meta`` (from :func:`collect_checkpoint`) to ``directory`` atomically.
+
+    ``training_state`` (optional) goes to ``training_state.pt`` in the same directory.
 
     Raises:
         ValueError: ``directory`` exists and is not a DR-LoRA checkpoint.
@@ -169,15 +179,29 @@ def write_checkpoint(
             metadata={"format": "pt", "drlora_format": str(FORMAT_VERSION)},
         )
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINING_STATE_NAME)
     return target
 
 
-def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
+def save_drlora(
+    model_or_handle,
+    directory: str | os.PathLike,
+    *,
+    training_state: dict[str, Any] | None = None,
+) -> Path:
     """Write the adapter (pools, ranks, routers, config, controller state) to ``directory``.
 
     ``directory`` is created, or replaced as a whole if it already holds a DR-LoRA checkpoint
     (a kill at any point leaves the old or the new checkpoint, complete; see the module
     docstring); a non-empty directory holding anything else is refused.
+
+    Args:
+        model_or_handle: the attached model or its handle.
+        directory: the checkpoint directory.
+        training_state: optional state of the training loop to resume with (e.g.
+            ``{"optimizer": opt.state_dict(), "step": step}``): saved with ``torch.save`` in the
+            same atomic directory and covered by the manifest; :func:`read_training_state` reads it.
 
     Returns:
         The checkpoint directory.
@@ -186,7 +210,26 @@ def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
         ValueError: ``directory`` exists and is not a DR-LoRA checkpoint.
     """
     tensors, meta = collect_checkpoint(model_or_handle)
-    return write_checkpoint(directory, tensors, meta)
+    return write_checkpoint(directory, tensors, meta, training_state)
+
+
+def read_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``training_state`` saved with :func:`save_drlora` (manifest verified), or ``None``.
+
+    Loaded with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts
+    (an optimizer's ``state_dict()``, RNG states) load; arbitrary objects are refused.
+
+    Raises:
+        ValueError: a checksum mismatch or an unreadable file.
+    """
+    directory = _verified(directory)
+    path = directory / TRAINING_STATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # torch.load raises many kinds: report them as one
+        raise ValueError(f"unreadable training state {path}: {exc}") from None
 
 
 def _verified(directory: str | os.PathLike) -> Path:

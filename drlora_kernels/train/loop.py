@@ -253,65 +253,95 @@ def finetune(
     device="cpu",
     progress: bool = True,
     on_attach: Callable[[Any], None] | None = None,
+    checkpoint_dir=None,
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """Attach DR-LoRA to ``model`` (in place), fine-tune it and return the run's record.
 
     The record holds the train-loss and held-out-loss curves, throughput
     (training tokens per second of wall time, evaluation excluded), peak memory,
     the final rank statistics and the growth events.
+
+    With ``checkpoint_dir``, the loop's whole state is saved there every ``checkpoint_every``
+    steps, and a run that finds a checkpoint there continues from it (``.resume``): the same
+    result as an uninterrupted run.
     """
-    handle, opt = prepare_finetune(model, cfg)
+    from . import resume
+
+    restored = (
+        resume.restore_finetune(checkpoint_dir, model, cfg, make_optimizer)
+        if checkpoint_dir is not None
+        else None
+    )
+    if restored is None:
+        handle, opt = prepare_finetune(model, cfg)
+        state = resume.LoopProgress()
+    else:
+        handle, opt, state = restored
+        model.train()
     if on_attach is not None:
         on_attach(handle)
     controller = handle.controller
 
     record: dict[str, Any] = {"method": cfg.method, "config": cfg.to_dict()}
-    eval_curve = [(0, evaluate(model, eval_blocks, batch_size=cfg.eval_batch_size, device=device))]
-    train_curve: list[tuple[int, float]] = []
-    events: list[Any] = []
-    train_seconds, tokens = 0.0, 0
-    step_seconds: list[float] = []
+    if restored is not None:
+        record["resumed_at_step"] = state.step
+    else:
+        state.eval_curve.append(
+            (0, evaluate(model, eval_blocks, batch_size=cfg.eval_batch_size, device=device))
+        )
     batches = train_batches(train_blocks, cfg.batch_size, cfg.steps, cfg.seed)
     bar = _progress(batches, cfg.steps, f"fine-tune {cfg.method:>6}", progress)
     with PeakMemory(device) as mem:
         for step, batch in enumerate(bar):
+            if step < state.step:  # trained before the checkpoint: same seeded batches, skipped
+                continue
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
             batch = batch.to(device)
             loss, step_events = train_step(model, controller, opt, batch)
             loss_value = loss.item()  # syncs the device, so the timing is complete
-            step_seconds.append(time.perf_counter() - t0)
-            train_seconds += step_seconds[-1]
-            tokens += batch.shape[0] * (batch.shape[1] - 1)
-            train_curve.append((step + 1, loss_value))
+            state.step_seconds.append(time.perf_counter() - t0)
+            state.train_seconds += state.step_seconds[-1]
+            state.tokens += batch.shape[0] * (batch.shape[1] - 1)
+            state.train_curve.append((step + 1, loss_value))
             if step_events:
-                events.append({"step": step + 1, "events": _jsonable(step_events)})
+                state.events.append({"step": step + 1, "events": _jsonable(step_events)})
             if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
-                eval_curve.append(
+                state.eval_curve.append(
                     (
                         step + 1,
                         evaluate(model, eval_blocks, batch_size=cfg.eval_batch_size, device=device),
                     )
                 )
+            state.step = step + 1
+            if (
+                checkpoint_dir is not None
+                and checkpoint_every
+                and state.step % checkpoint_every == 0
+            ):
+                resume.save_finetune(checkpoint_dir, handle, opt, state)
             if progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{eval_curve[-1][1]:.3f}")
-    final = eval_curve[-1][1]
+                bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{state.eval_curve[-1][1]:.3f}")
+    final = state.eval_curve[-1][1]
     record.update(
-        train_curve=train_curve,
-        eval_curve=eval_curve,
+        train_curve=state.train_curve,
+        eval_curve=state.eval_curve,
         eval_loss=final,
         perplexity=math.exp(final),
-        train_seconds=train_seconds,
-        train_tokens=tokens,
+        train_seconds=state.train_seconds,
+        train_tokens=state.tokens,
         # Median step time: robust to other processes stealing the CPU for a while.
-        tokens_per_second=tokens / cfg.steps / statistics.median(step_seconds),
-        tokens_per_second_mean=tokens / train_seconds if train_seconds > 0 else float("nan"),
+        tokens_per_second=state.tokens / cfg.steps / statistics.median(state.step_seconds),
+        tokens_per_second_mean=(
+            state.tokens / state.train_seconds if state.train_seconds > 0 else float("nan")
+        ),
         peak_memory_bytes=mem.peak_bytes,
         peak_memory_kind=mem.kind,
         rank_stats=_rank_stats(handle),
         active_lora_parameters=_active_lora_parameters(handle),
-        growth_events=events,
+        growth_events=state.events,
         handle=handle,
     )
     return record

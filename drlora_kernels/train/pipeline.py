@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +59,14 @@ class RunSpec:
     # after training, time this many steps of every method interleaved (0: keep the
     # step times measured during training, which drift between methods run apart)
     speed_rounds: int = 8
+    # save the fine-tuning loop's state every this many steps (0: never) for --resume
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if self.speed_rounds < 0:
             raise ValueError(f"speed_rounds must be >= 0, got {self.speed_rounds}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         bad = [m for m in self.methods if m not in loop.METHODS]
         if bad or not self.methods:
             raise ValueError(
@@ -243,14 +248,33 @@ def masked_equals_variable_rank(handle, batch: torch.Tensor) -> float:
 
 
 def run_comparison(
-    spec: RunSpec, run_dir: str | os.PathLike, *, progress: bool = True, log=print
+    spec: RunSpec,
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    log=print,
+    resume_run: bool = False,
 ) -> dict[str, Any]:
     """Run the whole job described by ``spec`` and write its outputs into ``run_dir``.
 
+    With ``spec.checkpoint_every``, the fine-tuning state is checkpointed; ``resume_run=True``
+    continues an interrupted run of the same ``spec`` in ``run_dir`` where it stopped
+    (``drlora train --resume``, see :mod:`.resume`). Without it, a previous run's resume state
+    in ``run_dir`` is discarded.
+
     Returns the ``results.json`` payload (per-method records without live objects).
     """
+    from . import resume
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume_run and (run_dir / resume.RESUME_DIR).exists():
+        log(f"starting afresh: removing the resume state of an earlier run in {run_dir}")
+        shutil.rmtree(run_dir / resume.RESUME_DIR)
+    if resume_run and not spec.checkpoint_every:
+        raise ValueError("resuming needs a run made with checkpoint_every > 0")
+    if spec.checkpoint_every:
+        resume.save_spec(spec, run_dir)
     t_start = time.perf_counter()
     torch.manual_seed(spec.finetune.seed)
     path, pre = base_model(spec, run_dir, progress=progress, log=log)
@@ -266,18 +290,33 @@ def run_comparison(
     for method in spec.methods:
         model = models.load_model(path, dtype=dtype, device=spec.device)
         cfg = dataclasses.replace(spec.finetune, method=method)
-        rec = loop.finetune(
-            model, blocks.train, blocks.eval, cfg, device=spec.device, progress=progress
-        )
-        handle = rec.pop("handle")
-        if method == "drlora":
+        done = resume.finished_record(run_dir, method) if spec.checkpoint_every else None
+        if done is not None:  # finished before an interruption: its record and saved adapter
+            log(
+                f"{method}: finished before the interruption, record taken from {resume.RESUME_DIR}/"
+            )
+            from ..integrations.checkpoint import CONFIG_NAME, load_drlora
+
+            adapter = run_dir / "adapters" / method
+            rec = done
+            handle = load_drlora(model, adapter) if (adapter / CONFIG_NAME).is_file() else None
+        else:
+            rec = loop.finetune(
+                model, blocks.train, blocks.eval, cfg, device=spec.device, progress=progress,
+                checkpoint_dir=resume.checkpoint_dir(run_dir, method) if spec.checkpoint_every else None,
+                checkpoint_every=spec.checkpoint_every,
+            )  # fmt: skip
+            handle = rec.pop("handle")
+        if method == "drlora" and handle is not None:
             checks["masked_vs_drlora_max_abs_logit_diff"] = masked_equals_variable_rank(
                 handle, blocks.eval[: min(4, blocks.eval.shape[0])].to(spec.device)
             )
-        if spec.save_adapters:
+        if spec.save_adapters and done is None:
             from ..integrations.checkpoint import save_drlora
 
             save_drlora(handle, run_dir / "adapters" / method)
+        if spec.checkpoint_every and done is None:
+            resume.mark_finished(run_dir, method, rec)
         results[method] = rec
         del model, handle
     if spec.speed_rounds > 0:
@@ -318,6 +357,8 @@ def run_comparison(
     )
     (run_dir / "summary.txt").write_text("\n".join(summary) + "\n")
     report.write_json(run_dir / "results.json", payload)
+    if spec.checkpoint_every:  # complete: the resume state is no longer needed
+        shutil.rmtree(run_dir / resume.RESUME_DIR, ignore_errors=True)
     if spec.plots:
         title = f"{spec.arch}/{spec.size}: fine-tuning on {corpus.name}"
         report.plot_loss_curves(results, run_dir / "loss_curves.png", title=title)
