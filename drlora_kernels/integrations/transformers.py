@@ -12,19 +12,28 @@ uses that mechanism rather than patching classes:
    (``<experts>.drlora.<projection>``), so it is in ``model.parameters()`` and
    ``model.state_dict()``;
 2. the base model is frozen (the routers stay trainable unless ``train_router=False``;
-   the controller freezes them during warmup);
+   the controller holds them still during warmup by dropping their gradients);
 3. ``"drlora"`` is registered in the experts interface and selected with
    ``model.set_experts_implementation("drlora")``. :func:`drlora_experts_forward`
    then runs each experts module through the grouped ops: base GEMM and LoRA fused
    in one op (:func:`~drlora_kernels.ops.grouped_lora_base`) for the ``[E, out, in]``
-   layout, base grouped GEMM plus :func:`~drlora_kernels.ops.grouped_lora` for the
-   transposed layout. ``W + BA`` is never materialised.
+   layout, base GEMM plus :func:`~drlora_kernels.ops.grouped_lora` for the
+   transposed layout. ``W + BA`` is never materialised. The base GEMM is computed the
+   way the implementation selected before attaching computes it (``grouped_mm``,
+   ``batched_mm`` or the eager per-expert matmuls), and falls back to the per-expert
+   matmuls, which take any stride, where ``grouped_mm`` cannot take the operands
+   (16-byte stride rule; e.g. GPT-OSS-layout weights at odd sizes on the CPU);
+4. the pools' keys are added to ``model._keys_to_ignore_on_save``: ``save_pretrained``
+   writes the base model only (the adapter goes through ``save_drlora``/``export_peft``).
 
 The experts forward follows the interface's own flags (``has_gate``, ``has_bias``,
 ``is_transposed``, ``has_post_expert_norm``, the class's ``_apply_gate``), so every
 family built on the interface works without family-specific code, including
 interleaved gate/up (GPT-OSS: LoRA adapts the whole fused projection, the layout of
 its output columns does not matter) and gate-less experts (NemotronH: ``up_proj``).
+Experts that are fused 3-D parameters off the interface (Llama4) are adapted through
+their own forward by a small per-family adapter (:mod:`.families`). :func:`detach_drlora`
+undoes everything.
 """
 
 from __future__ import annotations
