@@ -14,7 +14,7 @@ import drlora_kernels as dk
 from drlora_kernels.cli import main
 from drlora_kernels.train import loop
 
-from .integrations.tiny_models import build, small_config, token_batch
+from .integrations.tiny_models import build, small_config, train_steps
 from .test_cli import _save_tiny_checkpoint_with_tokenizer
 
 
@@ -111,16 +111,6 @@ def test_the_readme_manual_loop_resume_recipe(tmp_path):
     """The recipe of README "Resuming a run" (two processes simulated by two fresh models)."""
     base = build("olmoe")
 
-    def train(model, handle, opt, steps):
-        model.train()
-        for s in steps:
-            batch = token_batch(seed=s)
-            model(batch, labels=batch).loss.backward()
-            handle.controller.update_statistics()
-            handle.controller.step(opt)
-            opt.step()
-            opt.zero_grad()
-
     def start():
         model = dk.attach_drlora(copy.deepcopy(base), small_config(), total_steps=8)
         handle = dk.get_drlora(model)
@@ -130,11 +120,11 @@ def test_the_readme_manual_loop_resume_recipe(tmp_path):
         return model, handle, opt
 
     straight = start()
-    train(*straight, range(8))
+    train_steps(straight[0], range(8), optimizer=straight[2])
 
     # --- the recipe: save every N steps ...
     model, handle, opt = start()
-    train(model, handle, opt, range(4))
+    train_steps(model, range(4), optimizer=opt)
     dk.save_drlora(
         model, tmp_path / "ckpt", training_state={"optimizer": opt.state_dict(), "step": 4}
     )
@@ -149,7 +139,7 @@ def test_the_readme_manual_loop_resume_recipe(tmp_path):
     )
     state = dk.read_training_state(tmp_path / "ckpt")
     opt.load_state_dict(state["optimizer"])
-    train(model, handle, opt, range(state["step"], 8))
+    train_steps(model, range(state["step"], 8), optimizer=opt)
 
     ref = straight[1]
     assert handle.controller.event_log == ref.controller.event_log

@@ -17,26 +17,14 @@ from drlora_kernels.integrations.checkpoint import (
 )
 from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 
-from .tiny_models import build, randomize_lora, small_config, token_batch
-
-
-def _train_steps(model, handle, steps: int) -> None:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for s in range(steps):
-        ids = token_batch(seed=s)
-        model(ids, labels=ids).loss.backward()
-        handle.controller.update_statistics()
-        handle.controller.step(opt)
-        opt.step()
-        opt.zero_grad()
+from .tiny_models import build, randomize_lora, small_config, token_batch, train_steps
 
 
 def test_round_trip_restores_pools_ranks_and_controller(tmp_path):
     model = build("olmoe")
     fresh = copy.deepcopy(model)
     handle = get_drlora(attach_drlora(model, small_config(), total_steps=8))
-    _train_steps(model, handle, 3)  # events at steps 1 and 3: ranks now differ per expert
+    train_steps(model, 3)  # events at steps 1 and 3: ranks now differ per expert
     assert handle.controller.event_log, "growth should have happened"
     save_drlora(model, tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {

@@ -32,23 +32,9 @@ from drlora_kernels.integrations.checkpoint import (
 )
 from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 
-from .tiny_models import build, randomize_lora, small_config, token_batch
+from .tiny_models import build, randomize_lora, small_config, token_batch, train_steps
 
 KILLED = 75
-
-
-def _train(model, steps: int, seed: int = 0) -> None:
-    handle = get_drlora(model)
-    opt = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-2)
-    model.train()
-    for s in range(steps):
-        ids = token_batch(seed=seed + s)
-        model(ids, labels=ids).loss.backward()
-        handle.controller.update_statistics()
-        handle.controller.step(opt)
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +42,11 @@ def two_states():
     """An attached OLMoE with controller, and the checkpoint contents after 3 and after 5 steps."""
     model = build("olmoe")
     attach_drlora(model, small_config(), total_steps=8)
-    _train(model, 3)
+    train_steps(model, 3)
+    model.eval()
     old = collect_checkpoint(model)
-    _train(model, 2, seed=3)
+    train_steps(model, 2, seed=3)
+    model.eval()
     new = collect_checkpoint(model)
     assert old[1]["controller"]["event_log"] != new[1]["controller"]["event_log"]
     return model, old, new

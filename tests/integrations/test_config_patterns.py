@@ -13,7 +13,7 @@ from drlora_kernels.integrations.checkpoint import load_drlora, save_drlora
 from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 from drlora_kernels.pool import lora_scale
 
-from .tiny_models import build, randomize_lora, small_config, token_batch
+from .tiny_models import build, randomize_lora, small_config, token_batch, train_steps
 
 
 def test_layers_to_transform_adapts_only_those_layers(tmp_path):
@@ -56,16 +56,7 @@ def test_rank_pattern_sets_each_pools_budget_scale_and_start():
         assert pool.r_target == r, name
         assert pool.scaling == pytest.approx(lora_scale(cfg.alpha, r)), name
         assert int(pool.ranks.max()) == min(3, r), name
-    # the run ends with each layer at the sum of its modules' targets (E = 8 experts)
-    opt = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-2)
-    model.train()
-    for s in range(12):
-        ids = token_batch(seed=s)
-        model(ids, labels=ids).loss.backward()
-        handle.controller.update_statistics()
-        handle.controller.step(opt)
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, 12)  # the run ends with each layer at the sum of its modules' targets
     totals = [sum(int(p.ranks.sum()) for p in layer) for layer in handle.pools]
     assert totals == [8 * (4 + 2), 8 * (6 + 2)]
     assert handle.controller.rank_summary()["budget"] == sum(totals)
@@ -76,15 +67,7 @@ def test_rank_pattern_with_a_uniform_config_grows_the_patterned_layers_only():
     model = build("olmoe")
     handle = get_drlora(attach_drlora(model, cfg, total_steps=12))
     assert handle.controller.schedule.num_events > 0
-    opt = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-2)
-    model.train()
-    for s in range(12):
-        ids = token_batch(seed=s)
-        model(ids, labels=ids).loss.backward()
-        handle.controller.update_statistics()
-        handle.controller.step(opt)
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, 12)
     totals = [sum(int(p.ranks.sum()) for p in layer) for layer in handle.pools]
     assert totals == [16 * 4, 16 * 6]
 

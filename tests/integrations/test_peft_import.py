@@ -16,7 +16,7 @@ from drlora_kernels.integrations.peft_export import export_peft
 from drlora_kernels.integrations.peft_import import import_peft
 from drlora_kernels.integrations.transformers import attach_drlora, get_drlora
 
-from .tiny_models import build, randomize_lora, small_config, token_batch
+from .tiny_models import build, randomize_lora, small_config, token_batch, train_steps
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The following (rank|alpha)_pattern keys did not match"
@@ -145,15 +145,7 @@ def test_an_imported_adapter_continues_training_with_growth(tmp_path):
     grow = small_config(r_init=2, r_target=4, r_max=8)
     handle = import_peft(fresh, tmp_path / "peft", config=grow, total_steps=8)
     torch.testing.assert_close(_logits(fresh, ids), theirs, rtol=1e-5, atol=1e-5)
-    opt = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-2)
-    fresh.train()
-    for s in range(8):
-        batch = token_batch(seed=20 + s)
-        fresh(batch, labels=batch, use_cache=False).loss.backward()
-        handle.controller.update_statistics()
-        handle.controller.step(opt)
-        opt.step()
-        opt.zero_grad()
+    train_steps(fresh, 8, seed=20)
     assert handle.controller.event_log
     for layer in handle.pools:
         assert sum(int(p.ranks.sum()) for p in layer) == 4 * 2 * 8  # r_target * M, reached

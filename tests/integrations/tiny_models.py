@@ -142,3 +142,20 @@ def fold_into_copy(base_model, model_or_handle):
 
 def token_batch(batch: int = 2, seq: int = 6, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def train_steps(model, steps, *, optimizer=None, lr: float = 1e-2, seed: int = 0):
+    """The controller's step contract on ``token_batch`` data: ``steps`` (a count or a range of
+    batch seeds) optimizer steps; returns the optimizer (AdamW over the trainable parameters)."""
+    handle = get_drlora(model)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(handle.trainable_parameters(), lr=lr)
+    model.train()
+    for s in range(seed, seed + steps) if isinstance(steps, int) else steps:
+        ids = token_batch(seed=s)
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        handle.controller.update_statistics()
+        handle.controller.step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer

@@ -305,14 +305,6 @@ def _triton_takes_integer_views() -> bool:
     return proc.returncode == 0
 
 
-def _backends():
-    out = []
-    for name, (ok, why) in available_backends().items():
-        marks = [] if ok else [pytest.mark.skip(reason=f"{name} unavailable: {why}")]
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
-
-
 def _fuzz(backend: str, layouts: tuple[str, ...], count: int) -> None:
     seeds = [int(ONLY_SEED)] if ONLY_SEED else range(BASE_SEED, BASE_SEED + count)
     for seed in seeds:
@@ -330,8 +322,7 @@ def _count(backend: str) -> int:
     return N_PROBLEMS if backend != "triton" else max(N_PROBLEMS // 15, 1)
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_fuzz_against_fp64_oracle(backend):
+def test_fuzz_against_fp64_oracle(backend):  # every backend (conftest); unavailable ones skip
     # Triton's integer views have their own test below (they can crash the process today)
     layouts = INT_LAYOUTS if backend != "triton" else ("int32", "int64")
     _fuzz(backend, layouts, _count(backend))
