@@ -181,12 +181,25 @@ class DRLoRAController:
 
     @property
     def engine(self) -> Engine:
-        """The bound :class:`~drlora_kernels.engines.Engine` (detected and bound on first use)."""
+        """The bound :class:`~drlora_kernels.engines.Engine`, else the one detected from the pools now.
+
+        The first statistics or growth call binds the detected engine (:meth:`bind_engine`), so
+        a model sharded after the controller was created (attach, then ``fully_shard``) is seen
+        as sharded.
+        """
+        return self._engine if self._engine is not None else detect_engine(self._pool_parameters())
+
+    def _pool_parameters(self) -> list[torch.Tensor]:
+        return [t for layer in self.pools for pool in layer for t in (pool.lora_A, pool.lora_B)]
+
+    def _bound(self) -> Engine:
         if self._engine is None:
-            params = [
-                t for layer in self.pools for pool in layer for t in (pool.lora_A, pool.lora_B)
-            ]
-            self.bind_engine(detect_engine(params))
+            self.bind_engine(detect_engine(self._pool_parameters()))
+        return self._engine
+
+    @property
+    def bound_engine(self) -> Engine | None:
+        """The engine bound so far (``None`` until :meth:`bind_engine` or the first use of :attr:`engine`)."""
         return self._engine
 
     def bind_engine(self, engine: Engine) -> None:
@@ -260,7 +273,7 @@ class DRLoRAController:
                 silently be zero), or the previous growth event's writes were reverted by the
                 optimizer step (see :meth:`~drlora_kernels.engines.Engine.verify_growth`).
         """
-        engine = self.engine
+        engine = self._bound()
         self._verify_growth_after_step(engine)
         if not self.config.use_importance:
             self.tracker.update(None, process_group=self.process_group)
@@ -321,7 +334,7 @@ class DRLoRAController:
 
     def _grow(self, k: int, optimizer: Optimizer | None) -> list[GrowthEvent]:
         L, P, E = self.num_layers, self.num_pools, self.num_experts
-        engine = self.engine
+        engine = self._bound()
         ranks = self.ranks()
         saliency = self.tracker.saliency(ranks).cpu()
         last = k == self.schedule.num_events - 1
@@ -425,8 +438,7 @@ class DRLoRAController:
 
     def weight_checksum(self) -> torch.Tensor:
         """Fingerprint of this process's replicated router and LoRA weights (:meth:`Engine.checksum`)."""
-        tensors = [t for layer in self.pools for pool in layer for t in (pool.lora_A, pool.lora_B)]
-        return self.engine.checksum([*self.router_parameters, *tensors])
+        return self.engine.checksum([*self.router_parameters, *self._pool_parameters()])
 
     def check_consistency(self) -> None:
         """Compare the growth decisions and the weights across processes; raise if they differ.

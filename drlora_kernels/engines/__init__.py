@@ -128,7 +128,7 @@ class Engine:
 
     # ------------------------------------------------------------ checkpoints and checks
     def gather_full(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The full value of a pool or router parameter, on CPU, on every process (collective)."""
+        """The full value of a pool or router parameter: a CPU copy, on every process (collective)."""
         raise NotImplementedError
 
     def load_full(self, param: torch.Tensor, value: torch.Tensor) -> None:
@@ -236,7 +236,18 @@ class LocalEngine(Engine):
             return self._name
         return "ddp" if distributed_world() > 1 else "local"
 
+    def validate(self, pools):
+        from .fsdp import is_dtensor
+
+        if any(is_dtensor(p) for pool in pools for p in (pool.lora_A, pool.lora_B)):
+            raise ValueError(
+                f"the rank pools are sharded (DTensor parameters, FSDP2) but the {self.name!r} engine "
+                "handles plain parameters: bind drlora_kernels.engines.fsdp.FSDP2Engine() (or let the "
+                "controller detect it: do not bind an engine before fully_shard)"
+            )
+
     def slot_sums(self, pool):
+        self.validate([pool])
         A, B = pool.lora_A, pool.lora_B
         if A.grad is None or B.grad is None:
             return None
@@ -244,6 +255,7 @@ class LocalEngine(Engine):
 
     @torch.no_grad()
     def write_growth(self, pool, expert, old, new, a_rows):
+        self.validate([pool])
         pool.lora_A[expert, old:new] = a_rows.to(pool.lora_A.device, pool.lora_A.dtype)
         pool.lora_B[expert, :, old:new] = 0
 
@@ -261,7 +273,7 @@ class LocalEngine(Engine):
         reset_optimizer_state_for_slots(optimizer, pool, changes)
 
     def gather_full(self, tensor):
-        return tensor.detach().cpu()
+        return tensor.detach().to("cpu", copy=True)
 
     @torch.no_grad()
     def load_full(self, param, value):

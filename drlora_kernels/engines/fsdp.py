@@ -265,7 +265,7 @@ class FSDP2Engine(Engine):
     def gather_full(self, tensor):
         if is_dtensor(tensor):
             return tensor.detach().full_tensor().cpu()
-        return tensor.detach().cpu()
+        return tensor.detach().to("cpu", copy=True)
 
     @torch.no_grad()
     def load_full(self, param, value):

@@ -12,6 +12,10 @@ A checkpoint is a directory holding
   shapes, the ranks, ``total_steps`` and the controller's step counter, schedule
   fingerprint and event log.
 
+Under ``torch.distributed`` (DDP, FSDP2, ZeRO) saving is collective: the full tensors are
+gathered through the training engine (:mod:`drlora_kernels.engines`) and only global rank 0
+writes; loading reads the files on every process and writes each its part.
+
 Writes go to a temporary sibling directory that replaces the target only when complete,
 so an existing checkpoint is never left half-overwritten. Loading validates everything
 (files, format, pool names and shapes, ``r_max``, rank range) and raises ``ValueError``
@@ -26,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import DRLoRAConfig
+from ..engines import Engine, detect_engine, is_global_writer
 from ._io import atomic_directory
 from .transformers import DRLoRAModel, attach_drlora, get_drlora
 
@@ -112,21 +118,20 @@ def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
     ``directory`` is created, or atomically replaced if it already holds a DR-LoRA
     checkpoint; a non-empty directory holding anything else is refused.
 
+    Under ``torch.distributed`` this is collective: every process calls it, the full values
+    of sharded pools and routers are gathered through the training engine (FSDP2, ZeRO),
+    and only global rank 0 writes; the others return once it has (or raise if it failed).
+
     Returns:
         The checkpoint directory.
 
     Raises:
         ValueError: ``directory`` exists and is not a DR-LoRA checkpoint.
+        RuntimeError: the engine returned a partial tensor (never written), or rank 0 failed.
     """
     handle = get_drlora(model_or_handle)
     target = Path(directory)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, pool in handle.named_pools():
-        tensors[f"{name}.lora_A"] = pool.lora_A.detach()
-        tensors[f"{name}.lora_B"] = pool.lora_B.detach()
-        tensors[f"{name}.ranks"] = pool.ranks
-    for name, param in handle.named_router_parameters():
-        tensors[_ROUTER_PREFIX + name] = param.detach()
+    tensors = _gather_adapter(handle, _engine(handle))
     controller_meta = None
     if handle.controller is not None:
         ctensors, controller_meta = _split_controller_state(handle.controller.state_dict())
@@ -142,14 +147,75 @@ def save_drlora(model_or_handle, directory: str | os.PathLike) -> Path:
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
-    with atomic_directory(target, CONFIG_NAME) as tmp:
-        save_file(
-            tensors,
-            str(tmp / WEIGHTS_NAME),
-            metadata={"format": "pt", "drlora_format": str(FORMAT_VERSION)},
-        )
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    def write() -> None:
+        with atomic_directory(target, CONFIG_NAME) as tmp:
+            save_file(
+                tensors,
+                str(tmp / WEIGHTS_NAME),
+                metadata={"format": "pt", "drlora_format": str(FORMAT_VERSION)},
+            )
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    _write_on_global_rank0(write, target)
     return target
+
+
+# ------------------------------------------------------------- distributed collection
+def _engine(handle: DRLoRAModel) -> Engine:
+    """The training engine of the model: the controller's, or detected from the parameters."""
+    if handle.controller is not None and handle.controller.bound_engine is not None:
+        return handle.controller.bound_engine
+    return detect_engine(handle.model)
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The real shape of a parameter (ZeRO-3 keeps ``(0,)`` outside forward and the shape in ``ds_shape``)."""
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
+def _gather_full(engine: Engine, key: str, param: torch.Tensor, shape) -> torch.Tensor:
+    """``engine.gather_full(param)`` (collective), refusing anything but the full ``shape``."""
+    value = engine.gather_full(param)
+    if tuple(value.shape) != tuple(shape):
+        raise RuntimeError(
+            f"the {engine.name!r} engine returned {key} of shape {tuple(value.shape)} instead of the full "
+            f"{tuple(shape)}: refusing to write a partial DR-LoRA adapter"
+        )
+    return value
+
+
+def _gather_adapter(handle: DRLoRAModel, engine: Engine) -> dict[str, torch.Tensor]:
+    """Full values of every pool (``lora_A``, ``lora_B``, ``ranks``) and router, on every process."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, pool in handle.named_pools():
+        E, R, K, N = pool.num_experts, pool.r_max, pool.in_features, pool.out_features
+        tensors[f"{name}.lora_A"] = _gather_full(engine, f"{name}.lora_A", pool.lora_A, (E, R, K))
+        tensors[f"{name}.lora_B"] = _gather_full(engine, f"{name}.lora_B", pool.lora_B, (E, N, R))
+        tensors[f"{name}.ranks"] = pool.ranks.detach().cpu()
+    for name, param in handle.named_router_parameters():
+        key = _ROUTER_PREFIX + name
+        tensors[key] = _gather_full(engine, key, param, _full_shape(param))
+    return tensors
+
+
+def _write_on_global_rank0(write, target: Path) -> None:
+    """Run ``write()`` on global rank 0 only; under ``torch.distributed`` every process returns
+    after it (and raises if it failed), so no process goes on with a missing checkpoint."""
+    error: BaseException | None = None
+    if is_global_writer():
+        try:
+            write()
+        except BaseException as exc:  # re-raised below, after telling the other processes
+            error = exc
+    if dist.is_available() and dist.is_initialized():
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, src=0)
+        if error is None and status[0] is not None:
+            raise RuntimeError(
+                f"rank 0 failed to write the DR-LoRA checkpoint {target}: {status[0]}"
+            )
+    if error is not None:
+        raise error
 
 
 def read_drlora_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -256,10 +322,10 @@ def load_drlora(
                 raise ValueError(
                     f"corrupted DR-LoRA weights in {directory}: missing tensor {name}.{suffix}"
                 )
-            if tuple(t.shape) != tuple(like.shape):
+            if tuple(t.shape) != _full_shape(like):
                 raise ValueError(
                     f"DR-LoRA weights in {directory}: {name}.{suffix} has shape {tuple(t.shape)}, "
-                    f"the model's has {tuple(like.shape)}"
+                    f"the model's has {_full_shape(like)}"
                 )
             parts.append(t)
         ranks = parts[2]
@@ -280,10 +346,10 @@ def load_drlora(
             continue
         name = key[len(_ROUTER_PREFIX) :]
         param = params.get(name)
-        if param is None or tuple(param.shape) != tuple(value.shape):
+        if param is None or _full_shape(param) != tuple(value.shape):
             raise ValueError(
                 f"DR-LoRA weights in {directory}: router parameter {name} "
-                f"{'is not in the model' if param is None else f'has shape {tuple(value.shape)}, the model has {tuple(param.shape)}'}"
+                f"{'is not in the model' if param is None else f'has shape {tuple(value.shape)}, the model has {_full_shape(param)}'}"
             )
         routers.append((param, value))
 
@@ -301,11 +367,12 @@ def load_drlora(
 
     if controller_state is not None:  # validates the schedule before anything changes
         handle.controller.load_state_dict(controller_state)
+    engine = _engine(handle)
     with torch.no_grad():
         for pool, lora_a, lora_b, ranks in staged:
-            pool.lora_A.copy_(lora_a)
-            pool.lora_B.copy_(lora_b)
+            engine.load_full(pool.lora_A, lora_a)
+            engine.load_full(pool.lora_B, lora_b)
             pool.ranks.copy_(ranks)
         for param, value in routers:
-            param.copy_(value)
+            engine.load_full(param, value)
     return handle
