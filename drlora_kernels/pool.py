@@ -214,7 +214,8 @@ class RankPool(nn.Module):
             rows = self.draw_rows(a, gen)
             engine.write_growth(self, e, r, r + a, rows)
             if not engine.verify_growth(self, e, r, r + a, rows):
-                raise engine.growth_not_written(repr(self), e, r, r + a, "was not written")
+                label = f"{type(self).__name__}(E={self.num_experts}, K={self.in_features}, N={self.out_features})"
+                raise engine.growth_not_written(label, e, r, r + a, "was not written")
             changes.append((e, r, r + a))
         if changes:
             idx = torch.tensor([c[0] for c in changes], dtype=torch.long, device=self.ranks.device)

@@ -211,10 +211,6 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def _pool_label(pool) -> str:
-    return f"pool(E={pool.num_experts}, K={pool.in_features}, N={pool.out_features})"
-
-
 class LocalEngine(Engine):
     """One process, or data parallelism with replicated weights (DDP).
 
