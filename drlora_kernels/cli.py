@@ -54,11 +54,15 @@ def _demo(args: argparse.Namespace) -> int:
     return _run_and_print(spec, run_dir, progress=not args.no_progress)
 
 
-def _run_and_print(spec, run_dir: str, *, progress: bool) -> int:
+def _run_and_print(spec, run_dir: str, *, progress: bool, parallel=None) -> int:
     from .train.pipeline import run_comparison
 
+    main = parallel is None or parallel.is_main
     t0 = time.perf_counter()
-    payload = run_comparison(spec, run_dir, progress=progress)
+    log = print if main else _silent
+    payload = run_comparison(spec, run_dir, progress=progress, log=log, parallel=parallel)
+    if not main:
+        return 0
     print()
     print((Path(run_dir) / "summary.txt").read_text().rstrip())
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; outputs in {run_dir}/:")
@@ -71,6 +75,10 @@ def _run_and_print(spec, run_dir: str, *, progress: bool) -> int:
             "note: masked and variable-rank DR-LoRA ended with different ranks (float ties in the saliency)"
         )
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of the processes other than global rank 0 under torchrun."""
 
 
 # ---------------------------------------------------------------- train
@@ -149,7 +157,7 @@ def _train_spec(args: argparse.Namespace):
     )
     ft = loop.FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        eval_interval=args.eval_interval, seed=args.seed, drlora=drl,
+        eval_interval=args.eval_interval, seed=args.seed, drlora=drl, optimizer=args.optimizer,
     )  # fmt: skip
     pre = loop.PretrainConfig(
         steps=args.pretrain_steps,
@@ -174,15 +182,44 @@ def _train_spec(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train.distributed import init_from_env, shutdown
+
     _set_threads(args.threads)
     try:
         spec = _train_spec(args)
+        parallel = init_from_env(args.parallel, args.device)  # under torchrun: join the job
     except ValueError as exc:  # bad flag values: say which, without a traceback
         print(f"drlora train: error: {exc}", file=sys.stderr)
         return 2
-    if spec.model_path is None and spec.pretrain.steps == 0:
-        print("note: --pretrain-steps 0: fine-tuning a randomly initialised model")
-    return _run_and_print(spec, args.output_dir, progress=not args.no_progress)
+    if parallel is None and args.parallel is not None:
+        print(f"note: --parallel {args.parallel} ignored: one process (launch with torchrun)")
+    if parallel is not None and spec.finetune.batch_size % parallel.world:
+        print(
+            f"drlora train: error: --batch-size {spec.finetune.batch_size} (the global batch) does "
+            f"not split over {parallel.world} processes",
+            file=sys.stderr,
+        )
+        shutdown(parallel)
+        return 2
+    try:
+        main = parallel is None or parallel.is_main
+        if parallel is not None:
+            spec = dataclasses.replace(spec, device=parallel.device)
+            if main:
+                print(
+                    f"{parallel.world} processes ({parallel.parallel}), global batch "
+                    f"{spec.finetune.batch_size} = {parallel.world} x "
+                    f"{spec.finetune.batch_size // parallel.world} rows"
+                )
+        if main and spec.model_path is None and spec.pretrain.steps == 0:
+            print("note: --pretrain-steps 0: fine-tuning a randomly initialised model")
+        return _run_and_print(
+            spec, args.output_dir, progress=not args.no_progress, parallel=parallel
+        )
+    finally:
+        shutdown(parallel)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -254,6 +291,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "step times of the training runs instead)",
     )  # fmt: skip
     g.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "native"])
+    g.add_argument(
+        "--optimizer", default="rank_aware_adamw", choices=["rank_aware_adamw", "adamw"],
+        help="RankAwareAdamW (per-slot step counts) or torch.optim.AdamW",
+    )  # fmt: skip
+    g.add_argument(
+        "--parallel", default=None, choices=["ddp", "fsdp2"],
+        help="under torchrun: DistributedDataParallel (default) or FSDP2 fully_shard; the "
+        "global --batch-size is split over the processes",
+    )  # fmt: skip
     g.add_argument("--output-dir", default=DEFAULT_TRAIN_DIR)
     g.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"

@@ -31,6 +31,7 @@ from .data import train_batches
 from .memory import PeakMemory
 
 METHODS = ("drlora", "lora", "masked")
+OPTIMIZERS = ("rank_aware_adamw", "adamw")
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -163,10 +164,14 @@ class FinetuneConfig:
     eval_batch_size: int = 16
     seed: int = 0
     drlora: DRLoRAConfig = field(default_factory=DRLoRAConfig)
+    # "adamw": torch.optim.AdamW (grown slots' moments reset, step count shared per tensor)
+    optimizer: str = "rank_aware_adamw"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -219,6 +224,18 @@ def make_optimizer(
 
 def prepare_finetune(model: nn.Module, cfg: FinetuneConfig) -> tuple[Any, torch.optim.Optimizer]:
     """Attach ``cfg.method``'s adapters to ``model`` (in place); return ``(handle, optimizer)``."""
+    handle, opt, _ = prepare_training(model, cfg)
+    return handle, opt
+
+
+def prepare_training(
+    model: nn.Module, cfg: FinetuneConfig, *, parallel=None
+) -> tuple[Any, torch.optim.Optimizer, nn.Module]:
+    """:func:`prepare_finetune` that also returns the module to train.
+
+    With ``parallel`` (a :class:`~.distributed.DistributedRun`, under ``torchrun``) the model is
+    wrapped (DDP) or sharded (FSDP2) after attaching and before the optimizer is built.
+    """
     from ..integrations.transformers import attach_drlora, get_drlora
     from .masked import use_masked_compute
 
@@ -226,9 +243,14 @@ def prepare_finetune(model: nn.Module, cfg: FinetuneConfig) -> tuple[Any, torch.
     handle = get_drlora(attach_drlora(model, cfg.method_config(), total_steps=cfg.steps))
     if cfg.method == "masked":
         use_masked_compute(handle.pools)
-    opt = make_optimizer(handle, handle.trainable_parameters(), cfg)
+    train_model = parallel.wrap(model) if parallel is not None else model
+    params = handle.trainable_parameters()
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = make_optimizer(handle, params, cfg)
     model.train()
-    return handle, opt
+    return handle, opt, train_model
 
 
 def train_step(
@@ -253,14 +275,17 @@ def finetune(
     device="cpu",
     progress: bool = True,
     on_attach: Callable[[Any], None] | None = None,
+    parallel=None,
 ) -> dict[str, Any]:
     """Attach DR-LoRA to ``model`` (in place), fine-tune it and return the run's record.
 
     The record holds the train-loss and held-out-loss curves, throughput
     (training tokens per second of wall time, evaluation excluded), peak memory,
-    the final rank statistics and the growth events.
+    the final rank statistics and the growth events. Under ``torchrun`` (``parallel``, a
+    :class:`~.distributed.DistributedRun`) each process trains on its share of every global
+    batch and the logged loss is the mean over processes.
     """
-    handle, opt = prepare_finetune(model, cfg)
+    handle, opt, train_model = prepare_training(model, cfg, parallel=parallel)
     if on_attach is not None:
         on_attach(handle)
     controller = handle.controller
@@ -279,7 +304,10 @@ def finetune(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
             batch = batch.to(device)
-            loss, step_events = train_step(model, controller, opt, batch)
+            local = parallel.local_batch(batch) if parallel is not None else batch
+            loss, step_events = train_step(train_model, controller, opt, local)
+            if parallel is not None:
+                loss = parallel.mean(loss)
             loss_value = loss.item()  # syncs the device, so the timing is complete
             step_seconds.append(time.perf_counter() - t0)
             train_seconds += step_seconds[-1]

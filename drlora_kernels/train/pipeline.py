@@ -180,7 +180,7 @@ def base_model(
         "key": key,
         "parameters": models.count_parameters(model),
         "seconds": seconds,
-        "final_train_loss": curve[-1][1],
+        "final_train_loss": curve[-1][1] if curve else None,
         "eval_loss": eval_loss,
         "curve": curve[:: max(1, len(curve) // 100)],
     }
@@ -243,9 +243,14 @@ def masked_equals_variable_rank(handle, batch: torch.Tensor) -> float:
 
 
 def run_comparison(
-    spec: RunSpec, run_dir: str | os.PathLike, *, progress: bool = True, log=print
+    spec: RunSpec, run_dir: str | os.PathLike, *, progress: bool = True, log=print, parallel=None
 ) -> dict[str, Any]:
     """Run the whole job described by ``spec`` and write its outputs into ``run_dir``.
+
+    Under ``torchrun`` (``parallel``, a :class:`~.distributed.DistributedRun`) every process
+    runs this: global rank 0 pre-trains the base model and writes the outputs, every process
+    trains on its share of each global batch (``speed_rounds`` is not run: tokens/s comes from
+    the training steps).
 
     Returns the ``results.json`` payload (per-method records without live objects).
     """
@@ -253,7 +258,12 @@ def run_comparison(
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     torch.manual_seed(spec.finetune.seed)
-    path, pre = base_model(spec, run_dir, progress=progress, log=log)
+    writer = parallel is None or parallel.is_main
+    if not writer:
+        parallel.barrier()  # rank 0 pre-trains (or finds the cache) first
+    path, pre = base_model(spec, run_dir, progress=progress and writer, log=log)
+    if writer and parallel is not None:
+        parallel.barrier()
     tokenizer = _load_tokenizer(spec)
     corpus, blocks = target_blocks(spec, tokenizer)
     log(
@@ -267,8 +277,9 @@ def run_comparison(
         model = models.load_model(path, dtype=dtype, device=spec.device)
         cfg = dataclasses.replace(spec.finetune, method=method)
         rec = loop.finetune(
-            model, blocks.train, blocks.eval, cfg, device=spec.device, progress=progress
-        )
+            model, blocks.train, blocks.eval, cfg, device=spec.device,
+            progress=progress and writer, parallel=parallel,
+        )  # fmt: skip
         handle = rec.pop("handle")
         if method == "drlora":
             checks["masked_vs_drlora_max_abs_logit_diff"] = masked_equals_variable_rank(
@@ -280,7 +291,7 @@ def run_comparison(
             save_drlora(handle, run_dir / "adapters" / method)
         results[method] = rec
         del model, handle
-    if spec.speed_rounds > 0:
+    if spec.speed_rounds > 0 and parallel is None:
         _interleaved_speed(spec, path, dtype, blocks.train, results, log)
     if "drlora" in results and "masked" in results:
         d, m = results["drlora"], results["masked"]
@@ -290,7 +301,7 @@ def run_comparison(
 
     payload = {
         "spec": _spec_dict(spec),
-        "environment": _environment(spec),
+        "environment": _environment(spec, parallel),
         "pretraining": {k: v for k, v in pre.items() if k != "curve"},
         "target_corpus": {
             "name": corpus.name,
@@ -302,6 +313,8 @@ def run_comparison(
         "checks": checks,
         "wall_seconds": time.perf_counter() - t_start,
     }
+    if not writer:
+        return payload
     table = report.format_table(results)
     summary = [table, ""]
     if checks:
@@ -309,7 +322,7 @@ def run_comparison(
     kind = next(iter(results.values()))["peak_memory_kind"]
     how = (
         f"methods stepped round-robin after training, {spec.speed_rounds} rounds"
-        if spec.speed_rounds > 0
+        if spec.speed_rounds > 0 and parallel is None
         else "timed during training"
     )
     summary.append(
@@ -369,13 +382,15 @@ def _spec_dict(spec: RunSpec) -> dict[str, Any]:
     return d
 
 
-def _environment(spec: RunSpec) -> dict[str, Any]:
+def _environment(spec: RunSpec, parallel=None) -> dict[str, Any]:
     import transformers
 
     from ..ops import resolve_backend
 
     device = torch.device(spec.device)
     return {
+        "processes": 1 if parallel is None else parallel.world,
+        "parallel": None if parallel is None else parallel.parallel,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -295,4 +295,5 @@ def assert_same_run(got: dict, ref: dict, *, rtol: float = 1e-3, atol: float = 1
         got["slot_importance"], ref["slot_importance"], rtol=1e-3, atol=1e-12
     )
     # importance is real: non-zero once B has left zero (from the second step on)
+    assert float(got["slot_importance"].abs().sum()) > 0
     assert all(entry["importance"] > 0 for entry in got["log"][1:])
