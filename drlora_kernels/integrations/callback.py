@@ -59,6 +59,12 @@ class DRLoRACallback(TrainerCallback):
 
     Create the Trainer after :func:`attach_drlora`, so its optimizer takes the LoRA pools and the
     routers (trainable from the start; the controller drops their gradients during warmup).
+
+    Under ``torchrun`` / ``accelerate launch`` the callback binds the controller to the engine
+    the Trainer prepared (:func:`~drlora_kernels.engines.detect_engine` of the model and the
+    optimizer, in ``on_train_begin``): DDP, or FSDP2 (pools sharded with their decoder layer;
+    attach before the Trainer shards the model). Checkpoints are saved on every process
+    (sharded pools are gathered) and written by global rank 0.
     """
 
     def __init__(self, model_or_handle, *, resume_from_checkpoint: str | os.PathLike | None = None,
@@ -89,6 +95,13 @@ class DRLoRACallback(TrainerCallback):
             # the model is prepared (DDP / FSDP2 / DeepSpeed) and the optimizer built by now
             target = model if model is not None else self.handle.model
             self.controller.bind_engine(detect_engine(target, _unwrap_optimizer(optimizer)))
+        engine = self.controller.bound_engine.name
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and engine != "fsdp2":
+            logger.warning(
+                "accelerate was launched with FSDP but the model is not sharded (DR-LoRA engine %r): "
+                "accelerate enables FSDP on GPUs only and runs plain data parallelism elsewhere",
+                engine,
+            )
         if state.global_step > 0:
             self._resume(args, state)
         checkpointing = getattr(args, "activation_checkpointing", None) or getattr(

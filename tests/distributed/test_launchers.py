@@ -137,8 +137,10 @@ def test_trainer_single_process_resume(trainer_single):
     workload.assert_identical(trainer_single["resumed"], trainer_single["run"])
 
 
-def test_trainer_torchrun_ddp_with_gradient_accumulation(trainer_single, tmp_path):
-    launch(torchrun(TRAINER_SCRIPT, str(tmp_path), "--accumulation", "2"))
+def test_trainer_torchrun_ddp_accumulation_and_checkpointing(trainer_single, tmp_path):
+    """DDP(find_unused_parameters=False) with activation checkpointing (the issue's failure:
+    routers frozen at wrap time) and 2 micro-batches per step (counted as one step)."""
+    launch(torchrun(TRAINER_SCRIPT, str(tmp_path), "--accumulation", "2", "--checkpointing"))
     _check_trainer_launch(tmp_path, trainer_single, "ddp")
 
 

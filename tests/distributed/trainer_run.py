@@ -3,7 +3,7 @@
 Run by the tests under ``torchrun --nproc_per_node 2`` (DDP), under ``accelerate launch`` with
 ``examples/accelerate/fsdp2.yaml`` (FSDP2), and in the test process itself (one process)::
 
-    python tests/distributed/trainer_run.py OUT_DIR [--accumulation N]
+    python tests/distributed/trainer_run.py OUT_DIR [--accumulation N] [--checkpointing]
 
 Two trainings in one launch: an uninterrupted one (checkpoints every ``SAVE_EVERY`` steps),
 then a fresh model resumed from the first checkpoint (mid-growth) to the end. Each process
@@ -72,22 +72,24 @@ class InOrderTrainer(Trainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
 
-def _arguments(out: Path, world: int, accumulation: int) -> TrainingArguments:
+def _arguments(out: Path, world: int, accumulation: int, checkpointing: bool) -> TrainingArguments:
     per_device = workload.GLOBAL_BATCH // world // accumulation
     return TrainingArguments(
         output_dir=str(out), max_steps=workload.STEPS, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation, learning_rate=1e-2, lr_scheduler_type="constant",
         max_grad_norm=0.0, save_strategy="steps", save_steps=SAVE_EVERY, logging_steps=1,
         report_to="none", use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=False, activation_checkpointing=checkpointing,
     )  # fmt: skip
 
 
-def train(out: Path, *, world: int, accumulation: int = 1, resume: str | None = None):
+def train(
+    out: Path, *, world: int, accumulation: int = 1, checkpointing: bool = False, resume=None
+):
     model = attach_drlora(build("olmoe"), small_config(**workload.CONFIG)).train()
     trainer = InOrderTrainer(
         model=model,
-        args=_arguments(out, world, accumulation),
+        args=_arguments(out, world, accumulation, checkpointing),
         train_dataset=Blocks(),
         callbacks=[DRLoRACallback(model, resume_from_checkpoint=resume)],
     )
@@ -101,17 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if os.environ.get(FSDP_ON_CPU) == "1":
         _accelerate_fsdp_on_cpu()
     out = Path(args.out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    result = {"run": train(out / "run", world=world, accumulation=args.accumulation)}
+    kw = dict(world=world, accumulation=args.accumulation, checkpointing=args.checkpointing)
+    result = {"run": train(out / "run", **kw)}
     checkpoint = out / "run" / f"checkpoint-{SAVE_EVERY}"
-    result["resumed"] = train(
-        out / "resumed", world=world, accumulation=args.accumulation, resume=str(checkpoint)
-    )
+    result["resumed"] = train(out / "resumed", resume=str(checkpoint), **kw)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     torch.save(result, out / f"rank{rank}.pt")
     return 0
