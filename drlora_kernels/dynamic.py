@@ -199,7 +199,7 @@ class DRLoRAController:
 
     @property
     def bound_engine(self) -> Engine | None:
-        """The engine bound so far (``None`` until :meth:`bind_engine` or the first use of :attr:`engine`)."""
+        """The engine bound so far (``None`` until :meth:`bind_engine` or the first statistics or growth call)."""
         return self._engine
 
     def bind_engine(self, engine: Engine) -> None:

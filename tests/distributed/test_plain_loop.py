@@ -79,23 +79,26 @@ def runs(tmp_path_factory):
     return run_on_processes(_all_runs, tmp, str(tmp))
 
 
-# -------------------------------------------------------------------------------- DDP
-def test_ddp_matches_one_process(runs, reference):
+# ----------------------------------------------------------------------- DDP and FSDP2
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_matches_one_process(runs, reference, engine):
     r0, r1 = runs
-    assert r0["ddp"]["engine"] == "ddp"
-    workload.assert_identical(r0["ddp"], r1["ddp"])
-    workload.assert_same_run(r0["ddp"], reference["main"])
+    assert r0[engine]["engine"] == engine
+    workload.assert_identical(r0[engine], r1[engine])
+    workload.assert_same_run(r0[engine], reference["main"])
 
 
-def test_ddp_resume_mid_growth_continues_identically(runs):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_resume_mid_growth_continues_identically(runs, engine):
     for result in runs:
-        workload.assert_identical(result["ddp"]["resumed"], result["ddp"])
+        workload.assert_identical(result[engine]["resumed"], result[engine])
 
 
-def test_ddp_gradient_accumulation_counts_a_step_once(runs, reference):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_gradient_accumulation_counts_a_step_once(runs, reference, engine):
     r0, r1 = runs
-    workload.assert_identical(r0["ddp-accum"], r1["ddp-accum"])
-    workload.assert_same_run(r0["ddp-accum"], reference["main"])
+    workload.assert_identical(r0[f"{engine}-accum"], r1[f"{engine}-accum"])
+    workload.assert_same_run(r0[f"{engine}-accum"], reference["main"])
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
@@ -120,28 +123,10 @@ def test_ddp_gradient_checkpointing_routers_sync_without_unused_parameter_search
 
 
 # ------------------------------------------------------------------------------ FSDP2
-def test_fsdp2_matches_one_process(runs, reference):
-    r0, r1 = runs
-    assert r0["fsdp2"]["engine"] == "fsdp2"
-    workload.assert_identical(r0["fsdp2"], r1["fsdp2"])
-    workload.assert_same_run(r0["fsdp2"], reference["main"])
-
-
 def test_fsdp2_uneven_expert_shards(runs, reference):
     r0, r1 = runs
     workload.assert_identical(r0["fsdp2-experts3"], r1["fsdp2-experts3"])
     workload.assert_same_run(r0["fsdp2-experts3"], reference["experts3"])
-
-
-def test_fsdp2_resume_mid_growth_continues_identically(runs):
-    for result in runs:
-        workload.assert_identical(result["fsdp2"]["resumed"], result["fsdp2"])
-
-
-def test_fsdp2_gradient_accumulation_counts_a_step_once(runs, reference):
-    r0, r1 = runs
-    workload.assert_identical(r0["fsdp2-accum"], r1["fsdp2-accum"])
-    workload.assert_same_run(r0["fsdp2-accum"], reference["main"])
 
 
 @pytest.mark.slow
