@@ -104,6 +104,8 @@ def test_drlora_train_under_torchrun_matches_one_process(
     assert got["environment"]["processes"] == 2 and got["environment"]["parallel"] == parallel
     r, g = ref["methods"]["drlora"], got["methods"]["drlora"]
     assert g["growth_events"] and len(g["growth_events"]) >= 2
+    # importance is real: saliency = f * g / (r + 1)^gamma is zero when g is
+    assert all(e["saliency"] > 0 for s in g["growth_events"] for e in s["events"])
     assert [[(e["layer"], e["module"], e["old_rank"], e["new_rank"]) for e in s["events"]] for s in g["growth_events"]] == [
         [(e["layer"], e["module"], e["old_rank"], e["new_rank"]) for e in s["events"]] for s in r["growth_events"]
     ]  # fmt: skip
@@ -146,13 +148,24 @@ def test_trainer_torchrun_ddp_accumulation_and_checkpointing(trainer_single, tmp
 
 @pytest.mark.slow
 def test_trainer_accelerate_multi_gpu_ddp(trainer_single, tmp_path):
-    launch(accelerate("--multi_gpu", "--num_processes", "2", TRAINER_SCRIPT, str(tmp_path)))
+    args = (
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        TRAINER_SCRIPT,
+        str(tmp_path),
+        "--accumulation",
+        "2",
+    )
+    launch(accelerate(*args))
     _check_trainer_launch(tmp_path, trainer_single, "ddp")
 
 
 def test_trainer_accelerate_fsdp2(trainer_single, tmp_path):
     launch(
-        accelerate("--config_file", FSDP2_CONFIG, TRAINER_SCRIPT, str(tmp_path)),
+        accelerate(
+            "--config_file", FSDP2_CONFIG, TRAINER_SCRIPT, str(tmp_path), "--accumulation", "2"
+        ),
         env={trainer_run.FSDP_ON_CPU: "1"},
     )
     _check_trainer_launch(tmp_path, trainer_single, "fsdp2")
