@@ -54,11 +54,19 @@ def _demo(args: argparse.Namespace) -> int:
     return _run_and_print(spec, run_dir, progress=not args.no_progress)
 
 
-def _run_and_print(spec, run_dir: str, *, progress: bool, resume_run: bool = False) -> int:
+def _run_and_print(
+    spec, run_dir: str, *, progress: bool, resume_run: bool = False, parallel=None
+) -> int:
     from .train.pipeline import run_comparison
 
+    main = parallel is None or parallel.is_main
     t0 = time.perf_counter()
-    payload = run_comparison(spec, run_dir, progress=progress, resume_run=resume_run)
+    log = print if main else _silent
+    payload = run_comparison(
+        spec, run_dir, progress=progress, log=log, resume_run=resume_run, parallel=parallel
+    )
+    if not main:
+        return 0
     print()
     print((Path(run_dir) / "summary.txt").read_text().rstrip())
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; outputs in {run_dir}/:")
@@ -71,6 +79,10 @@ def _run_and_print(spec, run_dir: str, *, progress: bool, resume_run: bool = Fal
             "note: masked and variable-rank DR-LoRA ended with different ranks (float ties in the saliency)"
         )
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of the processes other than global rank 0 under torchrun."""
 
 
 # ---------------------------------------------------------------- train
@@ -202,7 +214,7 @@ def _train_spec(args: argparse.Namespace):
     )
     ft = loop.FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        eval_interval=args.eval_interval, seed=args.seed, drlora=drl,
+        eval_interval=args.eval_interval, seed=args.seed, drlora=drl, optimizer=args.optimizer,
     )  # fmt: skip
     pre = loop.PretrainConfig(
         steps=args.pretrain_steps,
@@ -230,20 +242,60 @@ def _train_spec(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train.distributed import init_from_env, shutdown
+
     _set_threads(args.threads)
     try:
         if args.resume is not None:
             spec, run_dir = _resume_spec(args, build_parser()[1]["train"]), args.resume
         else:
             spec, run_dir = _train_spec(args), args.output_dir
+        parallel = init_from_env(args.parallel, args.device)  # under torchrun: join the job
     except ValueError as exc:  # bad flag values: say which, without a traceback
         print(f"drlora train: error: {exc}", file=sys.stderr)
         return 2
-    if spec.model_path is None and spec.pretrain.steps == 0:
-        print("note: --pretrain-steps 0: fine-tuning a randomly initialised model")
-    return _run_and_print(
-        spec, run_dir, progress=not args.no_progress, resume_run=args.resume is not None
-    )
+    if parallel is None and args.parallel is not None:
+        print(f"note: --parallel {args.parallel} ignored: one process (launch with torchrun)")
+    if parallel is not None and (args.resume is not None or args.checkpoint_every):
+        print(
+            "drlora train: error: --resume / --checkpoint-every are single-process only; for "
+            "resumable multi-process runs use transformers.Trainer + DRLoRACallback (README, Multi-GPU)",
+            file=sys.stderr,
+        )
+        shutdown(parallel)
+        return 2
+    if parallel is not None and spec.finetune.batch_size % parallel.world:
+        print(
+            f"drlora train: error: --batch-size {spec.finetune.batch_size} (the global batch) does "
+            f"not split over {parallel.world} processes",
+            file=sys.stderr,
+        )
+        shutdown(parallel)
+        return 2
+    try:
+        main = parallel is None or parallel.is_main
+        if parallel is not None:
+            # resume checkpoints (on by default) are single-process: say so, then run without
+            spec = dataclasses.replace(spec, device=parallel.device, checkpoint_every=0)
+            if main:
+                print(
+                    "note: no resume checkpoints under torchrun (--resume is single-process only)"
+                )
+                print(
+                    f"{parallel.world} processes ({parallel.parallel}), global batch "
+                    f"{spec.finetune.batch_size} = {parallel.world} x "
+                    f"{spec.finetune.batch_size // parallel.world} rows"
+                )
+        if main and spec.model_path is None and spec.pretrain.steps == 0:
+            print("note: --pretrain-steps 0: fine-tuning a randomly initialised model")
+        return _run_and_print(
+            spec, run_dir, progress=not args.no_progress, resume_run=args.resume is not None,
+            parallel=parallel,
+        )  # fmt: skip
+    finally:
+        shutdown(parallel)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -315,6 +367,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "step times of the training runs instead)",
     )  # fmt: skip
     g.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "native"])
+    g.add_argument(
+        "--optimizer", default="rank_aware_adamw", choices=["rank_aware_adamw", "adamw"],
+        help="RankAwareAdamW (per-slot step counts) or torch.optim.AdamW",
+    )  # fmt: skip
+    g.add_argument(
+        "--parallel", default=None, choices=["ddp", "fsdp2"],
+        help="under torchrun: DistributedDataParallel (default) or FSDP2 fully_shard; the "
+        "global --batch-size is split over the processes",
+    )  # fmt: skip
     g.add_argument("--output-dir", default=DEFAULT_TRAIN_DIR)
     g.add_argument(
         "--checkpoint-every", type=int, default=None,

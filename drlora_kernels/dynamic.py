@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,9 +35,10 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from .config import DRLoRAConfig
-from .optim import SlotSpec, pool_slot_specs, reset_optimizer_state_for_slots
+from .engines import Engine, detect_engine
+from .optim import SlotSpec, pool_slot_specs
 from .pool import RankPool
-from .saliency import FusedImportance, SaliencyTracker, fused_scores, slot_scores
+from .saliency import FusedImportance, SaliencyTracker, fused_scores
 from .scheduler import GrowthSchedule
 
 STATE_FORMAT = 1
@@ -79,10 +80,16 @@ class DRLoRAController:
             (``config.r_max``) and a device; every layer has the same number of pools.
         config: the hyperparameters (:class:`~drlora_kernels.config.DRLoRAConfig`).
         total_steps: optimizer steps of the whole run (sets the schedule).
-        router_parameters: the routers' parameters: made trainable here and held still before
-            ``warmup_steps`` when ``config.freeze_router_during_warmup`` (see :meth:`hold_frozen_routers`).
+        router_parameters: the routers' parameters, or a function returning them (read at every
+            use, so parameters an engine replaces, as ``fully_shard`` does, are followed): made
+            trainable here and held still before ``warmup_steps`` when
+            ``config.freeze_router_during_warmup`` (see :meth:`hold_frozen_routers`).
         process_group: group for the statistics all-reduce and the decision check
             (default: the world, when ``torch.distributed`` is initialised).
+        engine: how gradients are read and growth is written
+            (:class:`~drlora_kernels.engines.Engine`); default: detected from the pools'
+            parameters at the first statistics or growth call (:func:`~drlora_kernels.engines.detect_engine`:
+            FSDP2 for DTensor parameters, DeepSpeed ZeRO for partitioned ones, else local/DDP).
 
     Raises:
         ValueError: empty or inconsistent pools, or a schedule that cannot be met.
@@ -94,8 +101,11 @@ class DRLoRAController:
         config: DRLoRAConfig,
         total_steps: int,
         *,
-        router_parameters: Iterable[torch.nn.Parameter] | None = None,
+        router_parameters: Iterable[torch.nn.Parameter]
+        | Callable[[], Iterable[torch.nn.Parameter]]
+        | None = None,
         process_group: dist.ProcessGroup | None = None,
+        engine: Engine | None = None,
     ) -> None:
         if not isinstance(config, DRLoRAConfig):
             raise TypeError(f"config must be a DRLoRAConfig, got {type(config).__name__}")
@@ -120,10 +130,18 @@ class DRLoRAController:
             use_importance=config.use_importance,
             device=first.ranks.device,
         )
-        self.router_parameters = list(router_parameters) if router_parameters is not None else []
+        if router_parameters is None or callable(router_parameters):
+            self._routers = router_parameters
+        else:
+            self._routers = list(router_parameters)
         self.process_group = process_group
         self.global_step = 0
         self.event_log: list[GrowthEvent] = []
+        # grown slots to check after the next optimizer step: (layer, pool, expert, old, new, seed)
+        self._unverified_growth: list[tuple[int, int, int, int, int, int]] = []
+        self._engine: Engine | None = None
+        if engine is not None:
+            self.bind_engine(engine)
         for p in self.router_parameters:
             p.requires_grad_(True)
 
@@ -166,6 +184,50 @@ class DRLoRAController:
                     )
 
     # --------------------------------------------------------------------- properties
+    @property
+    def router_parameters(self) -> list[torch.nn.Parameter]:
+        """The routers' current parameters (re-read each time: an engine may replace them)."""
+        if self._routers is None:
+            return []
+        return list(self._routers() if callable(self._routers) else self._routers)
+
+    @property
+    def engine(self) -> Engine:
+        """The bound :class:`~drlora_kernels.engines.Engine`, else the one detected from the pools now.
+
+        The first statistics or growth call binds the detected engine (:meth:`bind_engine`), so
+        a model sharded after the controller was created (attach, then ``fully_shard``) is seen
+        as sharded.
+        """
+        return self._engine if self._engine is not None else detect_engine(self._pool_parameters())
+
+    def _pool_parameters(self) -> list[torch.Tensor]:
+        return [t for layer in self.pools for pool in layer for t in (pool.lora_A, pool.lora_B)]
+
+    def _bound(self) -> Engine:
+        if self._engine is None:
+            self.bind_engine(detect_engine(self._pool_parameters()))
+        return self._engine
+
+    @property
+    def bound_engine(self) -> Engine | None:
+        """The engine bound so far (``None`` until :meth:`bind_engine` or the first statistics or growth call)."""
+        return self._engine
+
+    def bind_engine(self, engine: Engine) -> None:
+        """Use ``engine`` from now on (after checking that the pools are laid out for it).
+
+        Raises:
+            TypeError: ``engine`` is not an :class:`~drlora_kernels.engines.Engine`.
+            ValueError: the pools do not fit the engine (e.g. only some of them are sharded).
+        """
+        if not isinstance(engine, Engine):
+            raise TypeError(
+                f"engine must be a drlora_kernels.engines.Engine, got {type(engine).__name__}"
+            )
+        engine.validate([pool for layer in self.pools for pool in layer])
+        self._engine = engine
+
     @property
     def total_steps(self) -> int:
         return self.schedule.total_steps
@@ -211,21 +273,53 @@ class DRLoRAController:
 
         Call once per optimizer step, after ALL backward passes of the step (gradients
         complete, unscaled if AMP's GradScaler is used) and before ``optimizer.step()``.
+        The gradients are read through :attr:`engine` (sharded engines' partial ``[E, R]``
+        sums are summed across processes in the one statistics collective).
 
         Args:
-            fused_importance: per-slot sums from a fused backward instead of ``.grad``
+            fused_importance: per-slot sums from a fused backward instead of the gradients
                 (see :func:`drlora_kernels.saliency.fused_scores` for the accepted forms).
+
+        Raises:
+            RuntimeError: a pool with active ranks has no gradient (the importance would
+                silently be zero), or the previous growth event's writes were reverted by the
+                optimizer step (see :meth:`~drlora_kernels.engines.Engine.verify_growth`).
         """
-        scores = None
-        if self.config.use_importance:
-            shape = self.tracker.shape
-            if fused_importance is not None:
-                scores = fused_scores(fused_importance, shape, self.tracker.device)
+        engine = self._bound()
+        self._verify_growth_after_step(engine)
+        if not self.config.use_importance:
+            self.tracker.update(None, process_group=self.process_group)
+        elif fused_importance is not None:
+            scores = fused_scores(fused_importance, self.tracker.shape, self.tracker.device)
+            self.tracker.update(scores, process_group=self.process_group)
+        else:
+            imp_a, imp_b = self._slot_sums(engine)
+            if engine.sums_are_partial:
+                self.tracker.update(partial_sums=(imp_a, imp_b), process_group=self.process_group)
             else:
-                scores = torch.stack(
-                    [torch.stack([slot_scores(p) for p in layer]) for layer in self.pools]
-                )
-        self.tracker.update(scores, process_group=self.process_group)
+                self.tracker.update(imp_a * imp_b, process_group=self.process_group)
+
+    def _slot_sums(self, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(imp_a, imp_b)`` `[L, P, E, R]` of this process, read through ``engine``."""
+        L, P, E, R = self.tracker.shape
+        imp = torch.zeros(2, L, P, E, R, dtype=torch.float32, device=self.tracker.device)
+        for l, layer in enumerate(self.pools):
+            for p, pool in enumerate(layer):
+                sums = engine.slot_sums(pool)
+                if sums is None:
+                    if bool(pool.ranks.any()):
+                        raise RuntimeError(
+                            f"DR-LoRA saw no gradient for the rank pool of layer {l}, projection {p} "
+                            f"under the {engine.name!r} engine, though it has active ranks: the rank "
+                            "importance would silently be zero. Call controller.update_statistics() "
+                            "after the backward of the step's last micro-batch and before "
+                            "optimizer.step()/zero_grad(); keep the pools trainable; under DeepSpeed "
+                            "or FSDP pass the matching engine (controller.bind_engine("
+                            "detect_engine(model, optimizer)))"
+                        )
+                    continue
+                imp[0, l, p], imp[1, l, p] = sums
+        return imp[0], imp[1]
 
     def saliency(self) -> torch.Tensor:
         """Current saliency ``S_m`` of every module, `[L, M]`."""
@@ -252,6 +346,7 @@ class DRLoRAController:
 
     def _grow(self, k: int, optimizer: Optimizer | None) -> list[GrowthEvent]:
         L, P, E = self.num_layers, self.num_pools, self.num_experts
+        engine = self._bound()
         ranks = self.ranks()
         saliency = self.tracker.saliency(ranks).cpu()
         last = k == self.schedule.num_events - 1
@@ -259,15 +354,20 @@ class DRLoRAController:
             L, P, E
         )
         events: list[GrowthEvent] = []
+        self._unverified_growth = []
         for l, layer in enumerate(self.pools):
             for p, pool in enumerate(layer):
                 ids = grants[l, p].nonzero().flatten().tolist()
                 if not ids:
                     continue
                 seeds = [growth_seed(self.config.seed, l, p * E + e, k) for e in ids]
-                changes = pool.grow(ids, grants[l, p, ids], seeds=seeds)
+                changes = pool.grow(ids, grants[l, p, ids], seeds=seeds, engine=engine)
                 if optimizer is not None:
-                    reset_optimizer_state_for_slots(optimizer, pool, changes)
+                    engine.reset_optimizer_slots(optimizer, pool, changes)
+                seed_of = dict(zip(ids, seeds))
+                self._unverified_growth.extend(
+                    (l, p, e, old, new, seed_of[e]) for e, old, new in changes
+                )
                 events.extend(
                     GrowthEvent(
                         self.global_step,
@@ -289,6 +389,21 @@ class DRLoRAController:
         if dist.is_available() and dist.is_initialized():
             self.check_consistency()
         return events
+
+    def _verify_growth_after_step(self, engine: Engine) -> None:
+        """Raise if the last event's ``A`` rows no longer hold their draw after the optimizer step.
+
+        Catches an engine that restores its own copy of the weights over the growth writes
+        (e.g. an fp32 master copy), which would leave growth without effect.
+        """
+        pending, self._unverified_growth = self._unverified_growth, []
+        for l, p, e, old, new, seed in pending:
+            pool = self.pools[l][p]
+            rows = pool.draw_rows(new - old, torch.Generator().manual_seed(seed))
+            if not engine.verify_growth(pool, e, old, new, rows, after_step=True):
+                raise engine.growth_not_written(
+                    f"layer {l} projection {p}", e, old, new, "was reverted by the optimizer step"
+                )
 
     # -------------------------------------------------------------------- reporting
     def rank_summary(self) -> dict[str, Any]:
@@ -335,21 +450,44 @@ class DRLoRAController:
             )
         return h.hexdigest()
 
-    def check_consistency(self) -> None:
-        """Compare :meth:`decision_hash` across processes; raise ``RuntimeError`` if they differ.
+    def weight_checksum(self) -> torch.Tensor:
+        """Fingerprint of this process's replicated router and LoRA weights (:meth:`Engine.checksum`)."""
+        return self.engine.checksum([*self.router_parameters, *self._pool_parameters()])
 
-        A no-op without ``torch.distributed``. Collective: every process must call it.
+    def check_consistency(self) -> None:
+        """Compare the growth decisions and the weights across processes; raise if they differ.
+
+        One collective: :meth:`decision_hash` (in three exact 20-bit pieces) and
+        :meth:`weight_checksum` (replicated routers and LoRA weights: all of them under DDP; the
+        unsharded ones under FSDP2) are all-reduced with MAX of ``(v, -v)``: every process
+        learns whether any other holds a different value. A no-op without ``torch.distributed``.
+        Collective: every process must call it (the controller does, at every growth event).
+
+        Raises:
+            RuntimeError: naming the engine, the step and what differs.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
-        value = int(self.decision_hash()[:15], 16)  # 60 bits: fits an int64
-        t = torch.tensor([value, -value], dtype=torch.int64, device=self.tracker.device)
+        digest = int(self.decision_hash()[:15], 16)  # 60 bits
+        pieces = [float((digest >> shift) & 0xFFFFF) for shift in (40, 20, 0)]
+        mine = torch.tensor([*pieces, float(self.weight_checksum())], dtype=torch.float64)
+        t = torch.cat([mine, -mine]).to(self.tracker.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-        if int(t[0]) != value or int(t[1]) != -value:
+        t = t.cpu()
+        differs = (t[:4] != mine) | (-t[4:] != mine)
+        rank = dist.get_rank(self.process_group)
+        if bool(differs[:3].any()):
             raise RuntimeError(
-                f"DR-LoRA growth decisions differ across processes at step {self.global_step} "
-                f"(rank {dist.get_rank(self.process_group)} hash {self.decision_hash()[:16]}): "
-                "statistics were not all-reduced identically or pools diverged"
+                f"DR-LoRA growth decisions differ across processes at step {self.global_step} under the "
+                f"{self.engine.name!r} engine (rank {rank} hash {self.decision_hash()[:16]}): statistics "
+                "were not all-reduced identically or pools diverged"
+            )
+        if bool(differs[3]):
+            raise RuntimeError(
+                f"DR-LoRA router or LoRA weights differ across processes at step {self.global_step} under "
+                f"the {self.engine.name!r} engine (rank {rank} checksum {float(mine[3])!r}): the processes "
+                "no longer train the same model. Their gradients are not synchronised (wrap the model in "
+                "DistributedDataParallel / use the framework's engine) or a process changed its weights alone"
             )
 
     # ------------------------------------------------------------------- checkpoint

@@ -12,10 +12,13 @@ shapes never change, and the output is unchanged at the moment of growth
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from .engines import Engine, LocalEngine
 
 SCALINGS = ("standard", "rslora")
 
@@ -41,6 +44,23 @@ def kaiming_uniform_rows(
         -bound, bound, generator=generator
     )
     return out.to(dtype=dtype, device=device)
+
+
+def _integers(name: str, values: Sequence[int] | torch.Tensor) -> list[int]:
+    """``values`` as Python ints; ``TypeError`` naming ``name`` for a float, bool or other non-integer."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got a {values.dtype} tensor")
+        return [int(v) for v in values.reshape(-1).tolist()]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+            raise TypeError(f"{name} must hold integers, got {v!r}")
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{name} must hold integers, got {v!r} ({type(v).__name__})") from None
+    return out
 
 
 class RankPool(nn.Module):
@@ -128,6 +148,12 @@ class RankPool(nn.Module):
         )
         self.lora_B.zero_()
 
+    def draw_rows(self, count: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``count`` new ``A`` rows with PEFT's init (``[count, K]``, the pool's dtype and device)."""
+        return kaiming_uniform_rows(
+            count, self.in_features, generator, self.lora_A.dtype, self.lora_A.device
+        )
+
     @torch.no_grad()
     def grow(
         self,
@@ -136,22 +162,25 @@ class RankPool(nn.Module):
         generator: torch.Generator | None = None,
         *,
         seeds: Sequence[int] | None = None,
+        engine: Engine | None = None,
     ) -> list[tuple[int, int, int]]:
         """Activate the next ``amounts[i]`` slots of expert ``expert_ids[i]``, in place.
 
         New ``A`` rows are re-drawn with PEFT's init (from ``generator``, or from
         a fresh generator seeded with ``seeds[i]`` per expert, so every process
         draws the same values); new ``B`` columns are set to zero, so the output
-        does not change. Returns ``[(expert, old_rank, new_rank), ...]``.
+        does not change. The values are written through ``engine`` (default:
+        :class:`~drlora_kernels.engines.LocalEngine`, the parameters themselves; a sharded
+        engine writes each process's slice) and read back before ``ranks`` changes.
+        Returns ``[(expert, old_rank, new_rank), ...]``.
 
         Raises:
+            TypeError: a non-integer expert id or amount (e.g. ``1.7``).
             ValueError: an id out of range or repeated, a negative amount, or growth past ``r_max``.
+            GrowthNotWrittenError: the engine's weights do not hold the written values.
         """
-        ids = [
-            int(i)
-            for i in (expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else expert_ids)
-        ]
-        amt = [int(a) for a in (amounts.tolist() if isinstance(amounts, torch.Tensor) else amounts)]
+        ids = _integers("expert_ids", expert_ids)
+        amt = _integers("amounts", amounts)
         if len(ids) != len(amt):
             raise ValueError(
                 f"expert_ids and amounts must have the same length, got {len(ids)} and {len(amt)}"
@@ -172,6 +201,8 @@ class RankPool(nn.Module):
                 raise ValueError(
                     f"growing expert {e} by {a} from rank {ranks[e]} exceeds r_max={self.r_max}"
                 )
+        if engine is None:
+            engine = LocalEngine()
         changes = []
         for i, (e, a) in enumerate(zip(ids, amt)):
             if a == 0:
@@ -180,10 +211,11 @@ class RankPool(nn.Module):
             gen = generator
             if seeds is not None:
                 gen = torch.Generator().manual_seed(int(seeds[i]))
-            self.lora_A[e, r : r + a] = kaiming_uniform_rows(
-                a, self.in_features, gen, self.lora_A.dtype, self.lora_A.device
-            )
-            self.lora_B[e, :, r : r + a] = 0
+            rows = self.draw_rows(a, gen)
+            engine.write_growth(self, e, r, r + a, rows)
+            if not engine.verify_growth(self, e, r, r + a, rows):
+                label = f"{type(self).__name__}(E={self.num_experts}, K={self.in_features}, N={self.out_features})"
+                raise engine.growth_not_written(label, e, r, r + a, "was not written")
             changes.append((e, r, r + a))
         if changes:
             idx = torch.tensor([c[0] for c in changes], dtype=torch.long, device=self.ranks.device)

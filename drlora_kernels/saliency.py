@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .ops import slot_importance
+from .engines import Engine, LocalEngine
 from .pool import RankPool
 
 FusedImportance = torch.Tensor | Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]
@@ -40,16 +40,19 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def slot_scores(pool: RankPool) -> torch.Tensor:
-    """``s_j`` of every slot of one pool from its accumulated ``.grad``: `[E, R]` fp32.
+def slot_scores(pool: RankPool, engine: Engine | None = None) -> torch.Tensor:
+    """``s_j`` of every slot of one pool from its accumulated gradient: `[E, R]` fp32.
 
-    Inactive slots (and a pool that received no gradient) score exactly zero.
+    Read through ``engine`` (default :class:`~drlora_kernels.engines.LocalEngine`: ``.grad``);
+    for a sharded engine this is the product of this process's partial sums, not ``s_j``.
+    Inactive slots (and a pool that received no gradient) score exactly zero; the controller
+    instead raises for a pool with active ranks and no gradient.
     """
-    A, B = pool.lora_A, pool.lora_B
-    if A.grad is None or B.grad is None:
-        return torch.zeros(A.shape[0], A.shape[1], dtype=torch.float32, device=A.device)
-    imp_a, imp_b = slot_importance(A.detach(), A.grad, B.detach(), B.grad, pool.ranks)
-    return imp_a * imp_b
+    sums = (engine or LocalEngine()).slot_sums(pool)
+    if sums is None:
+        A = pool.lora_A
+        return torch.zeros(A.shape[0], A.shape[1], dtype=torch.float32, device=pool.ranks.device)
+    return sums[0] * sums[1]
 
 
 def saliency_score(
@@ -146,41 +149,56 @@ class SaliencyTracker:
     # ------------------------------------------------------------------ step update
     def update(
         self,
-        scores: torch.Tensor | None,
+        scores: torch.Tensor | None = None,
         *,
+        partial_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         """One optimizer step's EMA update of ``f`` and ``g`` (then clears the routing sums).
 
         Args:
-            scores: `[L, P, E, R]` per-slot ``s_j`` of this step (ignored, may be ``None``,
-                when ``use_importance=False``).
-            process_group: under ``torch.distributed``, routing sums, token counts and ``s_j``
-                are all-reduced (mean) over this group (default: the world) in one collective
-                before the update, so every process ends with the same statistics.
+            scores: `[L, P, E, R]` per-slot ``s_j`` of this step, computed by every process from
+                the full gradient (under ``torch.distributed``: averaged across processes).
+            partial_sums: instead of ``scores``, when processes hold disjoint parts of the pools
+                (FSDP2, ZeRO): this process's part of ``(sum_k |A*dA|, sum_n |B*dB|)``, each
+                `[L, P, E, R]`; they are summed across processes, then ``s_j = imp_a * imp_b``.
+            process_group: under ``torch.distributed``, routing sums, token counts and the
+                importance terms are all-reduced over this group (default: the world) in ONE
+                collective before the update, so every process ends with the same statistics.
 
-        A layer that recorded no token this step keeps its ``f`` (no observation).
+        With ``use_importance=False`` neither ``scores`` nor ``partial_sums`` is needed. A layer
+        that recorded no token this step keeps its ``f`` (no observation).
         """
         L, P, E, R = self.shape
         parts = [self._route_sum.reshape(-1), self._route_tokens]
         if self.use_importance:
-            if scores is None:
-                raise ValueError("scores is required when use_importance=True")
-            if tuple(scores.shape) != self.shape:
+            if (scores is None) == (partial_sums is None):
                 raise ValueError(
-                    f"scores must have shape {list(self.shape)}, got {tuple(scores.shape)}"
+                    "exactly one of scores and partial_sums is required when use_importance=True"
                 )
-            parts.append(scores.detach().to(self.device, torch.float64).reshape(-1))
+            terms = [scores] if scores is not None else list(partial_sums)
+            for name, t in zip(("scores",) if scores is not None else ("imp_a", "imp_b"), terms):
+                if tuple(t.shape) != self.shape:
+                    raise ValueError(
+                        f"{name} must have shape {list(self.shape)}, got {tuple(t.shape)}"
+                    )
+                parts.append(t.detach().to(self.device, torch.float64).reshape(-1))
         flat = torch.cat(parts)
+        world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
-            flat /= dist.get_world_size(process_group)
+            world = dist.get_world_size(process_group)
+        # w = routing-weight sum / token count: both summed over processes, so the ratio is global.
         sums, tokens = flat[: L * E].view(L, E), flat[L * E : L * E + L]
         w = (sums / tokens.clamp(min=1.0)[:, None]).float()
         ema = self.beta * self.frequency + (1.0 - self.beta) * w
         self.frequency.copy_(torch.where((tokens > 0)[:, None], ema, self.frequency))
         if self.use_importance:
-            s = flat[L * E + L :].view(L, P, E, R).float()
+            terms = flat[L * E + L :].view(-1, L, P, E, R)
+            if scores is not None:
+                s = (terms[0] / world).float()  # mean over processes
+            else:  # the complete sums first, then the product (fp32, like one process)
+                s = terms[0].float() * terms[1].float()
             self.slot_importance.mul_(self.beta).add_(s, alpha=1.0 - self.beta)
         self._route_sum.zero_()
         self._route_tokens.zero_()

@@ -7,7 +7,7 @@ Where each part of the method runs in the Trainer's step::
     [grad clipping]                  Trainer
     on_pre_optimizer_step            controller.update_statistics(); controller.step(optimizer)
     optimizer.step()                 Trainer
-    on_save                          save_drlora(<checkpoint>/drlora)
+    on_save                          save_drlora(<checkpoint>/drlora) (every process; rank 0 writes)
     on_log                           rank statistics added to the Trainer's logs
 
 ``on_pre_optimizer_step`` runs once per optimizer step, after the last micro-batch of a
@@ -32,6 +32,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..engines import detect_engine
 from .checkpoint import load_drlora, save_drlora
 from .transformers import DRLoRAModel, get_drlora
 
@@ -58,6 +59,12 @@ class DRLoRACallback(TrainerCallback):
 
     Create the Trainer after :func:`attach_drlora`, so its optimizer takes the LoRA pools and the
     routers (trainable from the start; the controller drops their gradients during warmup).
+
+    Under ``torchrun`` / ``accelerate launch`` the callback binds the controller to the engine
+    the Trainer prepared (:func:`~drlora_kernels.engines.detect_engine` of the model and the
+    optimizer, in ``on_train_begin``): DDP, or FSDP2 (pools sharded with their decoder layer;
+    attach before the Trainer shards the model). Checkpoints are saved on every process
+    (sharded pools are gathered) and written by global rank 0.
     """
 
     def __init__(self, model_or_handle, *, resume_from_checkpoint: str | os.PathLike | None = None,
@@ -72,7 +79,7 @@ class DRLoRACallback(TrainerCallback):
         return self.handle.controller
 
     # ------------------------------------------------------------------------------- setup
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.controller is None:
             if not state.max_steps or state.max_steps <= 0:
                 raise ValueError(
@@ -84,6 +91,17 @@ class DRLoRACallback(TrainerCallback):
                 "DR-LoRA controller was built for %d steps, the Trainer runs %d: the growth schedule follows the "
                 "controller", self.controller.total_steps, state.max_steps,
             )  # fmt: skip
+        if self.controller.bound_engine is None:
+            # the model is prepared (DDP / FSDP2 / DeepSpeed) and the optimizer built by now
+            target = model if model is not None else self.handle.model
+            self.controller.bind_engine(detect_engine(target, _unwrap_optimizer(optimizer)))
+        engine = self.controller.bound_engine.name
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and engine != "fsdp2":
+            logger.warning(
+                "accelerate was launched with FSDP but the model is not sharded (DR-LoRA engine %r): "
+                "accelerate enables FSDP on GPUs only and runs plain data parallelism elsewhere",
+                engine,
+            )
         if state.global_step > 0:
             self._resume(args, state)
         checkpointing = getattr(args, "activation_checkpointing", None) or getattr(
@@ -157,7 +175,6 @@ class DRLoRACallback(TrainerCallback):
 
     # -------------------------------------------------------------------------- checkpoints
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        # collective under torch.distributed (sharded pools are gathered); global rank 0 writes
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         save_drlora(self.handle, directory / CHECKPOINT_SUBDIR)

@@ -27,8 +27,10 @@ applying still fails, the model is restored exactly (a model that ``load_drlora`
 itself is detached again).
 
 Saving is two steps, :func:`collect_checkpoint` (the tensors and the JSON of a handle) and
-:func:`write_checkpoint` (atomic write with manifest), so a distributed engine can gather
-sharded tensors between them and write on one process only.
+:func:`write_checkpoint` (atomic write with manifest). Under ``torch.distributed`` (DDP, FSDP2,
+ZeRO) saving is collective: the full tensors are gathered through the training engine
+(:mod:`drlora_kernels.engines`; a partial or ``(0,)``-shaped tensor is refused) and only global
+rank 0 writes; loading reads the files on every process and writes each its part.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import DRLoRAConfig
+from ..engines import Engine, detect_engine, is_global_writer
 from ..pool import lora_scale
 from ._io import atomic_directory, recover_directory, verify_directory
 from .transformers import DRLoRAModel, attach_drlora, detach_drlora, get_drlora
@@ -133,13 +137,7 @@ def collect_checkpoint(model_or_handle) -> tuple[dict[str, torch.Tensor], dict[s
     The first half of :func:`save_drlora`; :func:`write_checkpoint` is the second.
     """
     handle = get_drlora(model_or_handle)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, pool in handle.named_pools():
-        tensors[f"{name}.lora_A"] = pool.lora_A.detach()
-        tensors[f"{name}.lora_B"] = pool.lora_B.detach()
-        tensors[f"{name}.ranks"] = pool.ranks
-    for name, param in handle.named_router_parameters():
-        tensors[_ROUTER_PREFIX + name] = param.detach()
+    tensors = _gather_adapter(handle, _engine(handle))
     controller_meta = None
     if handle.controller is not None:
         ctensors, controller_meta = _split_controller_state(handle.controller.state_dict())
@@ -206,11 +204,76 @@ def save_drlora(
     Returns:
         The checkpoint directory.
 
+    Under ``torch.distributed`` this is collective: every process calls it, the full values
+    of sharded pools and routers are gathered through the training engine (FSDP2, ZeRO),
+    and only global rank 0 writes; the others return once it has (or raise if it failed).
+
     Raises:
         ValueError: ``directory`` exists and is not a DR-LoRA checkpoint.
+        RuntimeError: the engine returned a partial tensor (never written), or rank 0 failed.
     """
     tensors, meta = collect_checkpoint(model_or_handle)
-    return write_checkpoint(directory, tensors, meta, training_state)
+    target = Path(directory)
+    _write_on_global_rank0(lambda: write_checkpoint(target, tensors, meta, training_state), target)
+    return target
+
+
+# ------------------------------------------------------------- distributed collection
+def _engine(handle: DRLoRAModel) -> Engine:
+    """The training engine of the model: the controller's, or detected from the parameters."""
+    if handle.controller is not None and handle.controller.bound_engine is not None:
+        return handle.controller.bound_engine
+    return detect_engine(handle.model)
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The real shape of a parameter (ZeRO-3 keeps ``(0,)`` outside forward and the shape in ``ds_shape``)."""
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
+def _gather_full(engine: Engine, key: str, param: torch.Tensor, shape) -> torch.Tensor:
+    """``engine.gather_full(param)`` (collective), refusing anything but the full ``shape``."""
+    value = engine.gather_full(param)
+    if tuple(value.shape) != tuple(shape):
+        raise RuntimeError(
+            f"the {engine.name!r} engine returned {key} of shape {tuple(value.shape)} instead of the full "
+            f"{tuple(shape)}: refusing to write a partial DR-LoRA adapter"
+        )
+    return value
+
+
+def _gather_adapter(handle: DRLoRAModel, engine: Engine) -> dict[str, torch.Tensor]:
+    """Full values of every pool (``lora_A``, ``lora_B``, ``ranks``) and router, on every process."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, pool in handle.named_pools():
+        E, R, K, N = pool.num_experts, pool.r_max, pool.in_features, pool.out_features
+        tensors[f"{name}.lora_A"] = _gather_full(engine, f"{name}.lora_A", pool.lora_A, (E, R, K))
+        tensors[f"{name}.lora_B"] = _gather_full(engine, f"{name}.lora_B", pool.lora_B, (E, N, R))
+        tensors[f"{name}.ranks"] = pool.ranks.detach().cpu()
+    for name, param in handle.named_router_parameters():
+        key = _ROUTER_PREFIX + name
+        tensors[key] = _gather_full(engine, key, param, _full_shape(param))
+    return tensors
+
+
+def _write_on_global_rank0(write, target: Path) -> None:
+    """Run ``write()`` on global rank 0 only; under ``torch.distributed`` every process returns
+    after it (and raises if it failed), so no process goes on with a missing checkpoint."""
+    error: BaseException | None = None
+    if is_global_writer():
+        try:
+            write()
+        except BaseException as exc:  # re-raised below, after telling the other processes
+            error = exc
+    if dist.is_available() and dist.is_initialized():
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, src=0)
+        if error is None and status[0] is not None:
+            raise RuntimeError(
+                f"rank 0 failed to write the DR-LoRA checkpoint {target}: {status[0]}"
+            )
+    if error is not None:
+        raise error
 
 
 def read_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -398,10 +461,10 @@ def _stage_pools(handle: DRLoRAModel, tensors: dict[str, torch.Tensor], director
                 raise ValueError(
                     f"corrupted DR-LoRA weights in {directory}: missing tensor {name}.{suffix}"
                 )
-            if tuple(t.shape) != tuple(like.shape):
+            if tuple(t.shape) != _full_shape(like):
                 raise ValueError(
                     f"DR-LoRA weights in {directory}: {name}.{suffix} has shape {tuple(t.shape)}, "
-                    f"the model's has {tuple(like.shape)}"
+                    f"the model's has {_full_shape(like)}"
                 )
             parts.append(t)
         ranks = parts[2]
@@ -425,23 +488,32 @@ def _stage_routers(handle: DRLoRAModel, tensors: dict[str, torch.Tensor], direct
             continue
         name = key[len(_ROUTER_PREFIX) :]
         param = params.get(name)
-        if param is None or tuple(param.shape) != tuple(value.shape):
+        if param is None or _full_shape(param) != tuple(value.shape):
             raise ValueError(
                 f"DR-LoRA weights in {directory}: router parameter {name} "
-                f"{'is not in the model' if param is None else f'has shape {tuple(value.shape)}, the model has {tuple(param.shape)}'}"
+                f"{'is not in the model' if param is None else f'has shape {tuple(value.shape)}, the model has {_full_shape(param)}'}"
             )
         routers.append((param, value))
     return routers
 
 
-def _snapshot(handle: DRLoRAModel) -> dict[str, Any]:
-    """Everything :func:`load_drlora` may change, to put back if applying fails."""
+def _snapshot(handle: DRLoRAModel, engine: Engine) -> dict[str, Any]:
+    """Everything :func:`load_drlora` may change, to put back if applying fails.
+
+    Read and written back through the engine, so a sharded or partitioned parameter (FSDP2,
+    ZeRO, whose master copy the engine also restores) is restored, not just its local view.
+    """
     return {
         "pools": [
-            (pool, pool.lora_A.detach().clone(), pool.lora_B.detach().clone(), pool.ranks.clone())
+            (
+                pool,
+                engine.gather_full(pool.lora_A),
+                engine.gather_full(pool.lora_B),
+                pool.ranks.clone(),
+            )
             for _, pool in handle.named_pools()
         ],
-        "routers": [(p, p.detach().clone()) for _, p in handle.named_router_parameters()],
+        "routers": [(p, engine.gather_full(p)) for _, p in handle.named_router_parameters()],
         "controller": handle.controller,
         "controller_state": handle.controller.state_dict() if handle.controller else None,
         "total_steps": handle.total_steps,
@@ -449,13 +521,13 @@ def _snapshot(handle: DRLoRAModel) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _restore(handle: DRLoRAModel, snap: dict[str, Any]) -> None:
+def _restore(handle: DRLoRAModel, snap: dict[str, Any], engine: Engine) -> None:
     for pool, lora_a, lora_b, ranks in snap["pools"]:
-        pool.lora_A.copy_(lora_a)
-        pool.lora_B.copy_(lora_b)
+        engine.load_full(pool.lora_A, lora_a)
+        engine.load_full(pool.lora_B, lora_b)
         pool.ranks.copy_(ranks)
     for param, value in snap["routers"]:
-        param.copy_(value)
+        engine.load_full(param, value)
     handle.controller, handle.total_steps = snap["controller"], snap["total_steps"]
     if snap["controller_state"] is not None:
         handle.controller.load_state_dict(snap["controller_state"])
@@ -525,7 +597,8 @@ def _apply(handle: DRLoRAModel, meta, tensors, directory, *, load_controller: bo
                 f"corrupted DR-LoRA checkpoint {directory}: controller state without total_steps"
             )
 
-    snap = _snapshot(handle)
+    engine = _engine(handle)
+    snap = _snapshot(handle, engine)
     try:
         if controller_state is not None:
             if handle.controller is None:
@@ -533,11 +606,11 @@ def _apply(handle: DRLoRAModel, meta, tensors, directory, *, load_controller: bo
             handle.controller.load_state_dict(controller_state)  # validates the schedule first
         with torch.no_grad():
             for pool, lora_a, lora_b, ranks in staged:
-                pool.lora_A.copy_(lora_a)
-                pool.lora_B.copy_(lora_b)
+                engine.load_full(pool.lora_A, lora_a)
+                engine.load_full(pool.lora_B, lora_b)
                 pool.ranks.copy_(ranks)
             for param, value in routers:
-                param.copy_(value)
+                engine.load_full(param, value)
     except BaseException:
-        _restore(handle, snap)
+        _restore(handle, snap, engine)
         raise

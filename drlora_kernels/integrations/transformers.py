@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..config import DRLoRAConfig
+from ..engines.fsdp import refuse_sharded_experts
 from ..layers import GroupedLoRALinear
 from ..ops import gather_tokens, route_tokens, scatter_tokens
 from ..pool import RankPool
@@ -418,7 +419,12 @@ class DRLoRAModel:
         self.config = config
         self.adapters = adapters
         self.pools: list[list[RankPool]] = [a.pools() for _, a in adapters]
-        self.router_parameters = router_parameters
+        # (module, attribute) of each router parameter: engines such as FSDP2's fully_shard
+        # replace the parameter objects, so they are looked up again at every use
+        ids = {id(p) for p in router_parameters}
+        self._router_refs = [
+            (m, n) for m in model.modules() for n, p in m._parameters.items() if id(p) in ids
+        ]
         self.previous_implementation = previous_implementation
         self.controller = None
         self.total_steps: int | None = None
@@ -431,6 +437,11 @@ class DRLoRAModel:
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    @property
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The routers' current parameter objects (trainable; held still before ``warmup_steps``)."""
+        return [getattr(m, n) for m, n in self._router_refs]
+
     def setup_controller(self, total_steps: int, *, process_group=None):
         """Create the growth controller for a run of ``total_steps`` optimizer steps."""
         from ..dynamic import DRLoRAController
@@ -440,7 +451,7 @@ class DRLoRAModel:
         self.total_steps = total_steps
         self.controller = DRLoRAController(
             self.pools, self.config, total_steps,
-            router_parameters=self.router_parameters or None, process_group=process_group,
+            router_parameters=lambda: self.router_parameters, process_group=process_group,
         )  # fmt: skip
         return self.controller
 
@@ -569,6 +580,8 @@ def attach_drlora(
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} already has DR-LoRA attached")
     found = _experts_with_family(model)
+    for name, module, _ in found:
+        refuse_sharded_experts(name, module)  # FSDP2: attach first, then fully_shard
     if not found:
         raise ValueError(
             f"{type(model).__name__} has no fused experts module: DR-LoRA supports transformers MoE models whose "

@@ -31,6 +31,7 @@ from .data import train_batches
 from .memory import PeakMemory
 
 METHODS = ("drlora", "lora", "masked")
+OPTIMIZERS = ("rank_aware_adamw", "adamw")
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -163,10 +164,14 @@ class FinetuneConfig:
     eval_batch_size: int = 16
     seed: int = 0
     drlora: DRLoRAConfig = field(default_factory=DRLoRAConfig)
+    # "adamw": torch.optim.AdamW (grown slots' moments reset, step count shared per tensor)
+    optimizer: str = "rank_aware_adamw"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -219,6 +224,18 @@ def make_optimizer(
 
 def prepare_finetune(model: nn.Module, cfg: FinetuneConfig) -> tuple[Any, torch.optim.Optimizer]:
     """Attach ``cfg.method``'s adapters to ``model`` (in place); return ``(handle, optimizer)``."""
+    handle, opt, _ = prepare_training(model, cfg)
+    return handle, opt
+
+
+def prepare_training(
+    model: nn.Module, cfg: FinetuneConfig, *, parallel=None
+) -> tuple[Any, torch.optim.Optimizer, nn.Module]:
+    """:func:`prepare_finetune` that also returns the module to train.
+
+    With ``parallel`` (a :class:`~.distributed.DistributedRun`, under ``torchrun``) the model is
+    wrapped (DDP) or sharded (FSDP2) after attaching and before the optimizer is built.
+    """
     from ..integrations.transformers import attach_drlora, get_drlora
     from .masked import use_masked_compute
 
@@ -226,9 +243,19 @@ def prepare_finetune(model: nn.Module, cfg: FinetuneConfig) -> tuple[Any, torch.
     handle = get_drlora(attach_drlora(model, cfg.method_config(), total_steps=cfg.steps))
     if cfg.method == "masked":
         use_masked_compute(handle.pools)
-    opt = make_optimizer(handle, handle.trainable_parameters(), cfg)
+    train_model = parallel.wrap(model) if parallel is not None else model
+    opt = build_optimizer(handle, handle.trainable_parameters(), cfg)
     model.train()
-    return handle, opt
+    return handle, opt, train_model
+
+
+def build_optimizer(
+    handle, params: list[nn.Parameter], cfg: FinetuneConfig
+) -> torch.optim.Optimizer:
+    """``cfg.optimizer``'s optimizer over ``params``: torch ``AdamW`` or :func:`make_optimizer`'s."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return make_optimizer(handle, params, cfg)
 
 
 def train_step(
@@ -255,29 +282,39 @@ def finetune(
     on_attach: Callable[[Any], None] | None = None,
     checkpoint_dir=None,
     checkpoint_every: int = 0,
+    parallel=None,
 ) -> dict[str, Any]:
     """Attach DR-LoRA to ``model`` (in place), fine-tune it and return the run's record.
 
     The record holds the train-loss and held-out-loss curves, throughput
     (training tokens per second of wall time, evaluation excluded), peak memory,
-    the final rank statistics and the growth events.
+    the final rank statistics and the growth events. Under ``torchrun`` (``parallel``, a
+    :class:`~.distributed.DistributedRun`) each process trains on its share of every global
+    batch and the logged loss is the mean over processes.
 
     With ``checkpoint_dir``, the loop's whole state is saved there every ``checkpoint_every``
     steps, and a run that finds a checkpoint there continues from it (``.resume``): the same
-    result as an uninterrupted run.
+    result as an uninterrupted run (single process only).
     """
     from . import resume
 
+    if parallel is not None and checkpoint_dir is not None:
+        raise ValueError(
+            "checkpoint_dir (drlora train --resume / --checkpoint-every) is not supported under "
+            "torchrun yet: run single-process, or use the Trainer + DRLoRACallback for resumable "
+            "multi-process runs"
+        )
     restored = (
-        resume.restore_finetune(checkpoint_dir, model, cfg, make_optimizer)
+        resume.restore_finetune(checkpoint_dir, model, cfg, build_optimizer)
         if checkpoint_dir is not None
         else None
     )
     if restored is None:
-        handle, opt = prepare_finetune(model, cfg)
+        handle, opt, train_model = prepare_training(model, cfg, parallel=parallel)
         state = resume.LoopProgress()
     else:
         handle, opt, state = restored
+        train_model = model
         model.train()
     if on_attach is not None:
         on_attach(handle)
@@ -300,7 +337,10 @@ def finetune(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
             batch = batch.to(device)
-            loss, step_events = train_step(model, controller, opt, batch)
+            local = parallel.local_batch(batch) if parallel is not None else batch
+            loss, step_events = train_step(train_model, controller, opt, local)
+            if parallel is not None:
+                loss = parallel.mean(loss)
             loss_value = loss.item()  # syncs the device, so the timing is complete
             state.step_seconds.append(time.perf_counter() - t0)
             state.train_seconds += state.step_seconds[-1]

@@ -185,7 +185,7 @@ def base_model(
         "key": key,
         "parameters": models.count_parameters(model),
         "seconds": seconds,
-        "final_train_loss": curve[-1][1],
+        "final_train_loss": curve[-1][1] if curve else None,
         "eval_loss": eval_loss,
         "curve": curve[:: max(1, len(curve) // 100)],
     }
@@ -254,6 +254,7 @@ def run_comparison(
     progress: bool = True,
     log=print,
     resume_run: bool = False,
+    parallel=None,
 ) -> dict[str, Any]:
     """Run the whole job described by ``spec`` and write its outputs into ``run_dir``.
 
@@ -261,6 +262,11 @@ def run_comparison(
     continues an interrupted run of the same ``spec`` in ``run_dir`` where it stopped
     (``drlora train --resume``, see :mod:`.resume`). Without it, a previous run's resume state
     in ``run_dir`` is discarded.
+
+    Under ``torchrun`` (``parallel``, a :class:`~.distributed.DistributedRun`) every process
+    runs this: global rank 0 pre-trains the base model and writes the outputs, every process
+    trains on its share of each global batch (``speed_rounds`` is not run: tokens/s comes from
+    the training steps).
 
     Returns the ``results.json`` payload (per-method records without live objects).
     """
@@ -277,7 +283,12 @@ def run_comparison(
         resume.save_spec(spec, run_dir)
     t_start = time.perf_counter()
     torch.manual_seed(spec.finetune.seed)
-    path, pre = base_model(spec, run_dir, progress=progress, log=log)
+    writer = parallel is None or parallel.is_main
+    if not writer:
+        parallel.barrier()  # rank 0 pre-trains (or finds the cache) first
+    path, pre = base_model(spec, run_dir, progress=progress and writer, log=log)
+    if writer and parallel is not None:
+        parallel.barrier()
     tokenizer = _load_tokenizer(spec)
     corpus, blocks = target_blocks(spec, tokenizer)
     log(
@@ -302,7 +313,8 @@ def run_comparison(
             handle = load_drlora(model, adapter) if (adapter / CONFIG_NAME).is_file() else None
         else:
             rec = loop.finetune(
-                model, blocks.train, blocks.eval, cfg, device=spec.device, progress=progress,
+                model, blocks.train, blocks.eval, cfg, device=spec.device,
+                progress=progress and writer, parallel=parallel,
                 checkpoint_dir=resume.checkpoint_dir(run_dir, method) if spec.checkpoint_every else None,
                 checkpoint_every=spec.checkpoint_every,
             )  # fmt: skip
@@ -319,7 +331,7 @@ def run_comparison(
             resume.mark_finished(run_dir, method, rec)
         results[method] = rec
         del model, handle
-    if spec.speed_rounds > 0:
+    if spec.speed_rounds > 0 and parallel is None:
         _interleaved_speed(spec, path, dtype, blocks.train, results, log)
     if "drlora" in results and "masked" in results:
         d, m = results["drlora"], results["masked"]
@@ -329,7 +341,7 @@ def run_comparison(
 
     payload = {
         "spec": _spec_dict(spec),
-        "environment": _environment(spec),
+        "environment": _environment(spec, parallel),
         "pretraining": {k: v for k, v in pre.items() if k != "curve"},
         "target_corpus": {
             "name": corpus.name,
@@ -341,6 +353,8 @@ def run_comparison(
         "checks": checks,
         "wall_seconds": time.perf_counter() - t_start,
     }
+    if not writer:
+        return payload
     table = report.format_table(results)
     summary = [table, ""]
     if checks:
@@ -348,7 +362,7 @@ def run_comparison(
     kind = next(iter(results.values()))["peak_memory_kind"]
     how = (
         f"methods stepped round-robin after training, {spec.speed_rounds} rounds"
-        if spec.speed_rounds > 0
+        if spec.speed_rounds > 0 and parallel is None
         else "timed during training"
     )
     summary.append(
@@ -410,13 +424,15 @@ def _spec_dict(spec: RunSpec) -> dict[str, Any]:
     return d
 
 
-def _environment(spec: RunSpec) -> dict[str, Any]:
+def _environment(spec: RunSpec, parallel=None) -> dict[str, Any]:
     import transformers
 
     from ..ops import resolve_backend
 
     device = torch.device(spec.device)
     return {
+        "processes": 1 if parallel is None else parallel.world,
+        "parallel": None if parallel is None else parallel.parallel,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
