@@ -84,8 +84,33 @@ class ExpertsLayout:
 
     def in_out(self, weight: torch.Tensor) -> tuple[int, int]:
         """``(in_features, out_features)`` of one expert of ``weight``."""
-        _, d1, d2 = weight.shape
+        _, d1, d2 = _shape(weight)
         return (d1, d2) if self.transposed else (d2, d1)
+
+
+def _shape(weight: torch.Tensor) -> torch.Size:
+    """The real shape of a weight: DeepSpeed ZeRO-3 partitions parameters built under
+    ``deepspeed.zero.Init`` to ``(0,)`` and keeps their shape in ``ds_shape`` (no gather needed)."""
+    return getattr(weight, "ds_shape", None) or weight.shape
+
+
+def _zero3_leaf_moe_blocks(experts: list[tuple[str, nn.Module]], model: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, mark each MoE block (the experts module's parent) a ZeRO-3 leaf
+    module, so its router, experts and rank pools are gathered once at the block's forward
+    (the routed experts change every step, which breaks ZeRO-3's per-submodule prefetch)."""
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    if not zero3:
+        try:
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+            zero3 = is_deepspeed_zero3_enabled()
+        except ImportError:
+            return
+    if zero3:
+        from ..engines.deepspeed import register_zero3_leaf_modules
+
+        modules = dict(model.named_modules())
+        register_zero3_leaf_modules(modules.get(n.rpartition(".")[0], m) for n, m in experts)
 
 
 def _is_interface_experts(module: nn.Module) -> bool:
@@ -112,15 +137,15 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
     E = getattr(module, "num_experts", None)
     for p in projections:
         w = getattr(module, p, None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        if not isinstance(w, torch.Tensor) or len(_shape(w)) != 3:
             raise ValueError(
                 f"{name}.{p} must be a 3-D [E, out, in] or [E, in, out] parameter, got {type(w).__name__}"
             )
         if module.has_bias and not isinstance(getattr(module, f"{p}_bias", None), torch.Tensor):
             raise ValueError(f"{name} declares has_bias but has no {p}_bias")
-        E = w.shape[0] if E is None else E
-        if w.shape[0] != E:
-            raise ValueError(f"{name}.{p} has {w.shape[0]} experts, expected num_experts={E}")
+        E = _shape(w)[0] if E is None else E
+        if _shape(w)[0] != E:
+            raise ValueError(f"{name}.{p} has {_shape(w)[0]} experts, expected num_experts={E}")
     return ExpertsLayout(projections, bool(module.is_transposed), bool(module.has_bias), int(E))
 
 
@@ -504,6 +529,7 @@ def attach_drlora(
         module.add_module(ADAPTER_NAME, adapter)
         adapters.append((name, adapter))
 
+    _zero3_leaf_moe_blocks(experts, model)
     router = _router_parameters(model, [n for n, _ in experts]) if train_router else []
     for p in router:
         p.requires_grad_(True)
