@@ -603,9 +603,10 @@ def maybe_install_deepspeed_hooks(model_or_handle, optimizer) -> bool:
 def register_zero3_leaf_modules(modules) -> int:
     """Mark modules as ZeRO-3 leaf modules (all their parameters gathered at their forward).
 
-    MoE blocks route a different set of experts every step, which breaks ZeRO-3's per-submodule
-    prefetch trace; DeepSpeed's answer is ``set_z3_leaf_modules`` (as LlamaFactory does). Returns
-    the number of modules marked (0 when DeepSpeed is not installed).
+    ``attach_drlora`` marks every adapted experts module under ZeRO-3, so the fused base experts
+    and the rank pools (its submodules) are fetched as one unit instead of ZeRO-3 partitioning
+    the experts' internals (DeepSpeed's ``set_z3_leaf_modules``; LlamaFactory does the same for
+    MoE blocks). Returns the number of modules marked (0 when DeepSpeed is not installed).
     """
     try:
         from deepspeed.utils import set_z3_leaf_module

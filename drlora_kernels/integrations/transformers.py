@@ -94,10 +94,13 @@ def _shape(weight: torch.Tensor) -> torch.Size:
     return getattr(weight, "ds_shape", None) or weight.shape
 
 
-def _zero3_leaf_moe_blocks(experts: list[tuple[str, nn.Module]], model: nn.Module) -> None:
-    """Under DeepSpeed ZeRO-3, mark each MoE block (the experts module's parent) a ZeRO-3 leaf
-    module, so its router, experts and rank pools are gathered once at the block's forward
-    (the routed experts change every step, which breaks ZeRO-3's per-submodule prefetch)."""
+def _zero3_leaf_experts(experts: list[tuple[str, nn.Module]], model: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, mark each experts module a ZeRO-3 leaf module, so its fused base
+    weights and its rank pools (submodules) are gathered together at its forward and backward.
+
+    (Marking the whole MoE block, router included, as LlamaFactory does for its models, left a
+    ``(0,)`` base weight in the experts' backward with transformers 5.25 / DeepSpeed 0.19.8.)
+    """
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     if not zero3:
         try:
@@ -109,8 +112,7 @@ def _zero3_leaf_moe_blocks(experts: list[tuple[str, nn.Module]], model: nn.Modul
     if zero3:
         from ..engines.deepspeed import register_zero3_leaf_modules
 
-        modules = dict(model.named_modules())
-        register_zero3_leaf_modules(modules.get(n.rpartition(".")[0], m) for n, m in experts)
+        register_zero3_leaf_modules(module for _, module in experts)
 
 
 def _is_interface_experts(module: nn.Module) -> bool:
@@ -529,7 +531,7 @@ def attach_drlora(
         module.add_module(ADAPTER_NAME, adapter)
         adapters.append((name, adapter))
 
-    _zero3_leaf_moe_blocks(experts, model)
+    _zero3_leaf_experts(experts, model)
     router = _router_parameters(model, [n for n, _ in experts]) if train_router else []
     for p in router:
         p.requires_grad_(True)
