@@ -89,6 +89,11 @@ class DRLoRACallback(TrainerCallback):
             # the model is prepared (DDP / FSDP2 / DeepSpeed) and the optimizer built by now
             target = model if model is not None else self.handle.model
             self.controller.bind_engine(detect_engine(target, _unwrap_optimizer(optimizer)))
+        # DeepSpeed ZeRO steps inside accelerator.backward and owns the gradients: the
+        # controller then runs from ZeRO's optimizer step (engines/deepspeed.py), not from here.
+        from ..engines.deepspeed import maybe_install_deepspeed_hooks
+
+        self._engine_driven = maybe_install_deepspeed_hooks(self.handle, optimizer)
         if state.global_step > 0:
             self._resume(args, state)
         checkpointing = getattr(args, "activation_checkpointing", None) or getattr(
@@ -117,10 +122,14 @@ class DRLoRACallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------ a step
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.controller.update_statistics()
-        events = self.controller.step(
-            _unwrap_optimizer(optimizer) if optimizer is not None else None
-        )
+        if getattr(self, "_engine_driven", False):  # DeepSpeed: already done in ZeRO's step
+            events = list(self.controller.engine.events)
+            self.controller.engine.events.clear()
+        else:
+            self.controller.update_statistics()
+            events = self.controller.step(
+                _unwrap_optimizer(optimizer) if optimizer is not None else None
+            )
         if events:
             self._pending_events.extend(events)
             summary = self.controller.rank_summary()
