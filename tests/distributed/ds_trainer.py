@@ -1,10 +1,13 @@
 """Launched by tests/distributed/test_deepspeed.py: ``transformers.Trainer`` + ``DRLoRACallback``
 under DeepSpeed, started by ``torchrun`` (``ds_trainer.py JSON OUT``: the JSON is passed to
 ``TrainingArguments(deepspeed=...)``) or by ``accelerate launch --config_file <yaml>``
-(``ds_trainer.py - OUT``: accelerate's DeepSpeed plugin carries the JSON).
+(``ds_trainer.py accelerate OUT``: accelerate's DeepSpeed plugin carries the JSON).
 
 Two Trainer runs in the same processes: uninterrupted (saving ``checkpoint-RESUME_AT``) and
-resumed from that checkpoint. Writes ``OUT/rank<r>.pt``.
+resumed from that checkpoint. Writes ``OUT/rank<r>.pt``. The test runs :func:`run` with
+``world=1`` in its own process as the single-process reference: accelerate gives process ``r``
+the ``r``-th per-device batch of the sampler's order, so one process with a ``WORLD`` times
+larger batch sees the same global batches.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ class Batches(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
-def run(ds_json: str | None, out: Path, resume: str | None = None) -> dict:
+def run(ds_json: str | None, out: Path, resume: str | None = None, world: int = C.WORLD) -> dict:
+    """One Trainer run (``world=1``: the single-process reference, a global batch per process)."""
     args = TrainingArguments(
         output_dir=str(out / "trainer"),
         deepspeed=ds_json,
         max_steps=C.STEPS,
-        per_device_train_batch_size=C.ROWS,
+        per_device_train_batch_size=C.ROWS * C.WORLD // world,
         gradient_accumulation_steps=C.GAS,
         learning_rate=C.LR,
         weight_decay=C.WEIGHT_DECAY,
@@ -61,7 +65,9 @@ def run(ds_json: str | None, out: Path, resume: str | None = None) -> dict:
         save_only_model=False,
     )
     torch.manual_seed(0)
-    model = C.build_model(C.drlora_config())  # after TrainingArguments: ZeRO-3 builds partitioned
+    # after TrainingArguments: ZeRO-3 builds partitioned. Routers train from the start so the run
+    # is comparable with the single-process one (ZeRO's Adam step count is per parameter group)
+    model = C.build_model(C.drlora_config(freeze_router_during_warmup=False))
     handle = get_drlora(model)
     callback = DRLoRACallback(model)
     trainer = Trainer(model=model, args=args, train_dataset=Batches(), callbacks=[callback])
@@ -69,7 +75,7 @@ def run(ds_json: str | None, out: Path, resume: str | None = None) -> dict:
     ctrl = handle.controller
     res = C.snapshot(handle, gather=ctrl.engine.gather_full)
     res["engine"] = ctrl.engine.name
-    res["engine_driven"] = callback._engine_driven
+    res["engine_driven"] = getattr(callback, "_engine_driven", False)
     res["trainer_step"] = trainer.state.global_step
     res["logged_ranks"] = [h.get("drlora/mean_rank") for h in trainer.state.log_history]
     return res
@@ -88,4 +94,4 @@ def main(ds_json: str | None, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(None if sys.argv[1] == "-" else sys.argv[1], Path(sys.argv[2]))
+    main(None if sys.argv[1] == "accelerate" else sys.argv[1], Path(sys.argv[2]))

@@ -80,7 +80,9 @@ def _events_close(a: list[dict], b: list[dict]) -> bool:
     strip = lambda evs: [{k: v for k, v in e.items() if k != "saliency"} for e in evs]
     if strip(a) != strip(b):
         return False
-    return all(abs(x["saliency"] - y["saliency"]) <= 1e-4 * abs(y["saliency"]) for x, y in zip(a, b))
+    return all(
+        abs(x["saliency"] - y["saliency"]) <= 1e-4 * abs(y["saliency"]) for x, y in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -116,9 +118,59 @@ def test_plain_deepspeed_loop(stage, tmp_path, reference):
     # each silent-failure path raises, on every process
     for r in (r0, r1):
         errors = r["errors"]
-        assert "saw no gradient" in errors["stats_after_step"] and name in errors["stats_after_step"]
+        assert (
+            "saw no gradient" in errors["stats_after_step"] and name in errors["stats_after_step"]
+        )
         assert "reverted" in errors["write_reverted"] and name in errors["write_reverted"]
         if stage == 3:
             assert "refusing to save" in errors["save_partition"] and not r["bad_written"]
         if stage == 2:
             assert "RankAwareAdamW" in errors["rank_aware_adamw"]
+
+
+@pytest.fixture(scope="module")
+def trainer_reference(tmp_path_factory) -> dict:
+    """``Trainer`` + ``DRLoRACallback`` in this process, no DeepSpeed, over the same global batches."""
+    from tests.distributed import ds_trainer
+
+    torch.set_num_threads(1)
+    return ds_trainer.run(None, tmp_path_factory.mktemp("trainer_ref"), world=1)
+
+
+def check_trainer_runs(out: Path, stage: int, reference: dict) -> None:
+    r0, r1 = load_ranks(out)
+    for key in ("full", "resumed"):
+        run = r0[key]
+        # the hooks drive the controller from ZeRO's step; the callback did not count twice
+        assert run["engine"] == f"deepspeed-zero{stage}" and run["engine_driven"]
+        assert run["step"] == run["trainer_step"] == C.STEPS
+        assert run["events"] == r1[key]["events"] and torch.equal(run["ranks"], r1[key]["ranks"])
+        assert len({ev["step"] for ev in run["events"]}) >= 3
+        assert run["importance"].sum() > 0
+        assert [x for x in run["logged_ranks"] if x is not None][-1] == 4.0
+    assert not reference["engine_driven"]
+    assert_same_run(r0["full"], reference)
+    assert r0["resumed"]["events"] == r0["full"]["events"]
+    assert_same_run(r0["resumed"], r0["full"], atol=0)
+
+
+@pytest.mark.parametrize(
+    "stage", [2, pytest.param(3, marks=pytest.mark.slow)], ids=["zero2", "zero3"]
+)
+def test_trainer_torchrun(stage, tmp_path, trainer_reference):
+    """Trainer + DRLoRACallback with TrainingArguments(deepspeed=examples/deepspeed/zero<N>.json)."""
+    config = ROOT / "examples" / "deepspeed" / f"zero{stage}.json"
+    torchrun("ds_trainer.py", str(config), str(tmp_path), tmp_path=tmp_path)
+    check_trainer_runs(tmp_path, stage, trainer_reference)
+
+
+@pytest.mark.slow
+def test_trainer_accelerate_launch(tmp_path, trainer_reference):
+    """The same under ``accelerate launch --config_file examples/accelerate/zero2.yaml``."""
+    launch(
+        [str(BIN / "accelerate"), "launch", "--config_file", "examples/accelerate/zero2.yaml",
+         "--main_process_port", str(_free_port()), str(HERE / "ds_trainer.py"), "accelerate",
+         str(tmp_path)],
+        ROOT,
+    )  # fmt: skip
+    check_trainer_runs(tmp_path, 2, trainer_reference)
