@@ -29,6 +29,7 @@ growth writes survived ZeRO's master-to-model copy.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from . import Engine
 
 __all__ = [
     "DeepSpeedEngine",
+    "detect",
     "deepspeed_hooks_installed",
     "full_shape",
     "install_deepspeed_hooks",
@@ -266,7 +268,7 @@ class DeepSpeedEngine(Engine):
         Each process writes its fragment of the master (ZeRO's optimizer step would otherwise copy
         the old master values back) and its copy of the working parameter. The step hook checks
         after ZeRO's step, when the master has been copied into the model, that the model holds
-        the written rows (:meth:`verify_growth`: a reverted write raises).
+        the written rows (:meth:`check_growth_after_step`: a reverted write raises).
         """
         N = pool.out_features
         zeros = torch.zeros(N, new - old, dtype=torch.float32)
@@ -300,7 +302,7 @@ class DeepSpeedEngine(Engine):
                 lp[local.to(lp.device)] = values[which].to(lp.device, lp.dtype)
 
     @torch.no_grad()
-    def verify_growth(self) -> None:
+    def check_growth_after_step(self) -> None:
         """After ZeRO's step: the model's new ``A`` rows must still be (a multiple of) the drawn rows.
 
         Zero gradients and freshly reset moments leave the new slots unchanged by the step except
@@ -337,6 +339,41 @@ class DeepSpeedEngine(Engine):
                 "Grow through the DeepSpeed engine (install_deepspeed_hooks(engine) or "
                 "DRLoRACallback), not RankPool.grow"
             )
+
+    @torch.no_grad()
+    def read_growth(self, pool, expert: int, old: int, new: int, a_rows: torch.Tensor):
+        """This process's part of ``A[e, old:new]`` and ``B[e, :, old:new]`` in the fp32 master
+        (the copy ZeRO's optimizer updates) and the matching part of ``a_rows``; ``None`` when it
+        holds none of them."""
+        parts = []
+        for param, dim in ((pool.lora_A, 1), (pool.lora_B, 2)):
+            frag = self._fragment(param)
+            idx = _slot_indices(full_shape(param), dim, expert, old, new)
+            if frag is None:
+                parts.append((torch.zeros(0), torch.zeros(0, dtype=torch.bool)))
+                continue
+            which, local = frag.locate(idx)
+            master = self._master(param)
+            parts.append((master[local.to(master.device)].float().cpu(), which))
+        (held_a, which_a), (held_b, _) = parts
+        if held_a.numel() == 0 and held_b.numel() == 0:
+            return None
+        expected = a_rows.detach().reshape(-1).float().cpu()
+        return held_a, expected[which_a] if which_a.numel() else expected[:0], held_b
+
+    def validate(self, pools) -> None:
+        """Raise ``ValueError`` when a pool's parameters are not managed by this ZeRO optimizer."""
+        for pool in pools:
+            for param in (pool.lora_A, pool.lora_B):
+                managed = (
+                    hasattr(param, "ds_id") if self.stage == 3 else hasattr(param, "_hp_mapping")
+                )
+                if not managed:
+                    raise ValueError(
+                        f"a rank pool parameter {tuple(full_shape(param))} is not managed by the "
+                        f"{self.name} optimizer: attach DR-LoRA before deepspeed.initialize and give "
+                        "the LoRA pools to its optimizer"
+                    )
 
     @torch.no_grad()
     def reset_optimizer_slots(self, optimizer, pool, changes) -> None:
@@ -406,12 +443,12 @@ class DeepSpeedEngine(Engine):
     def checksum(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Fingerprint of the replicated working copies (ZeRO-1/2: every process holds them whole).
 
-        Under ZeRO-3 each element lives on one process only, so there is no replica to compare:
-        the fingerprint is 0 and the cross-process check compares the growth decisions alone.
+        Under ZeRO-3 each element of a partitioned parameter lives on one process only: only the
+        parameters ZeRO-3 keeps whole on every process (persistent ones) enter the fingerprint.
         """
-        if self.stage == 3:
-            return torch.zeros((), dtype=torch.float64)
-        return _fingerprint(tensors)
+        if self.stage == 3:  # only parameters ZeRO-3 keeps resident (persistent) are replicated
+            tensors = [t for t in tensors if t.numel() == getattr(t, "ds_numel", t.numel()) > 0]
+        return _fingerprint(list(tensors))
 
     # --------------------------------------------------------------------------------- routers
     @torch.no_grad()
@@ -509,6 +546,49 @@ def _check_base_optimizer(optimizer) -> None:
         )
 
 
+def _bind(controller, engine: DeepSpeedEngine) -> None:
+    if hasattr(controller, "bind_engine"):
+        controller.bind_engine(engine)
+    else:
+        controller.engine = engine
+
+
+def detect(model=None, optimizer=None) -> DeepSpeedEngine | None:
+    """The :class:`DeepSpeedEngine` for a DeepSpeed model/optimizer, ``None`` when DeepSpeed is not in use.
+
+    Looks at the optimizer (a ZeRO optimizer or a wrapper of it), the model (the DeepSpeed engine
+    returned by ``deepspeed.initialize``) and the parameters (ZeRO links them to their optimizer).
+
+    Raises:
+        RuntimeError: parameters are partitioned by ZeRO-3 (``deepspeed.zero.Init``) but no ZeRO
+            optimizer manages them yet (DR-LoRA cannot read or grow them before
+            ``deepspeed.initialize``).
+    """
+    for candidate in (optimizer, model):
+        if candidate is None:
+            continue
+        try:
+            return DeepSpeedEngine(candidate)
+        except TypeError:
+            pass
+    params = (
+        list(model.parameters())
+        if isinstance(model, torch.nn.Module)
+        else [p for p in (model or []) if isinstance(p, torch.Tensor)]
+    )
+    for p in params:
+        owner = getattr(p, "_z3_optimizer", None) or getattr(p, "_zero_optimizer", None)
+        if owner is not None:
+            return DeepSpeedEngine(owner)
+    if any(hasattr(p, "ds_id") for p in params):
+        raise RuntimeError(
+            "the model's parameters are partitioned by DeepSpeed ZeRO-3 but no ZeRO optimizer manages "
+            "them yet: call deepspeed.initialize (or accelerator.prepare / the Trainer) before DR-LoRA "
+            "reads, grows or saves them"
+        )
+    return None
+
+
 def install_deepspeed_hooks(model_or_engine, optimizer=None, *, handle=None) -> DeepSpeedEngine:
     """Drive the DR-LoRA controller from DeepSpeed's optimizer step (ZeRO stage 1, 2 or 3).
 
@@ -542,11 +622,11 @@ def install_deepspeed_hooks(model_or_engine, optimizer=None, *, handle=None) -> 
         )
     existing = getattr(zero, _HOOK_ATTR, None)
     if existing is not None:
-        controller.engine = existing
+        _bind(controller, existing)
         object.__setattr__(handle, _HOOK_ATTR, existing)
         return existing
     engine = DeepSpeedEngine(zero)
-    controller.engine = engine
+    _bind(controller, engine)
     original_step = zero.step
 
     def step(*args, **kwargs):
@@ -560,7 +640,7 @@ def install_deepspeed_hooks(model_or_engine, optimizer=None, *, handle=None) -> 
         if snapshot is not None:
             engine.restore_routers(snapshot)
         if events:
-            engine.verify_growth()
+            engine.check_growth_after_step()
         return out
 
     zero.step = step
@@ -584,11 +664,7 @@ def maybe_install_deepspeed_hooks(model_or_handle, optimizer) -> bool:
         True when DeepSpeed now drives the controller (the callback must then not run the
         statistics and growth itself), False for any other optimizer.
     """
-    if optimizer is None:
-        return False
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
+    if optimizer is None or "deepspeed" not in sys.modules:  # no ZeRO optimizer can exist
         return False
     try:
         zero = zero_optimizer_of(optimizer)

@@ -25,7 +25,11 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from drlora_kernels.engines.deepspeed import DeepSpeedEngine, install_deepspeed_hooks  # noqa: E402
+from drlora_kernels.engines.deepspeed import (  # noqa: E402
+    DeepSpeedEngine,
+    full_shape,
+    install_deepspeed_hooks,
+)
 from drlora_kernels.integrations.checkpoint import load_drlora, save_drlora  # noqa: E402
 from drlora_kernels.integrations.transformers import get_drlora  # noqa: E402
 from tests.distributed import ds_common as C  # noqa: E402
@@ -61,9 +65,45 @@ def train(engine, handle, steps: range, rank: int, routers: list | None = None) 
         assert handle.controller.global_step == step + 1, "one controller step per optimizer step"
 
 
-def snapshot_routers(engine, handle) -> torch.Tensor:
+def snapshot_routers(engine, handle) -> tuple[torch.Tensor, float | None]:
+    """The routers' values and the L1 norm of their Adam ``exp_avg`` (None before any step)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
     ds = handle.controller.engine
-    return torch.cat([ds.gather_full(p).reshape(-1) for _, p in handle.named_router_parameters()])
+    params = [p for _, p in handle.named_router_parameters()]
+    values = torch.cat([ds.gather_full(p).reshape(-1) for p in params])
+    if engine.global_steps == 0:
+        return values, None
+    moment = sum(float(safe_get_full_optimizer_state(p, "exp_avg").abs().sum()) for p in params)
+    return values, moment
+
+
+def moments_after_reset(handle) -> dict:
+    """``exp_avg``/``exp_avg_sq`` L1 norms of slots 0:2 of expert 1 of one pool before and after
+    ``reset_optimizer_slots`` of those slots, and of expert 0's slots 0:2 (not reset) after."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    pool = handle.pools[0][0]
+    where = {
+        "A": (pool.lora_A, (1, slice(0, 2)), (0, slice(0, 2))),
+        "B": (pool.lora_B, (1, slice(None), slice(0, 2)), (0, slice(None), slice(0, 2))),
+    }
+
+    def norms():
+        out = {}
+        for name, (param, reset, kept) in where.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                state = safe_get_full_optimizer_state(param, key).view(tuple(full_shape(param)))
+                out[f"{name}.{key}"] = (
+                    float(state[reset].abs().sum()),
+                    float(state[kept].abs().sum()),
+                )
+        return out
+
+    before = norms()
+    handle.controller.engine.reset_optimizer_slots(None, pool, [(1, 0, 2)])
+    after = norms()
+    return {k: (before[k][0], after[k][0], after[k][1]) for k in before}
 
 
 def result(engine, handle) -> dict:
@@ -103,6 +143,7 @@ def main(stage: int, out: Path) -> None:
     train(engine, handle, range(C.STEPS), rank, routers)
     res["full"] = result(engine, handle)
     res["routers"] = routers
+    res["moments"] = moments_after_reset(handle)
     res["warmup"] = handle.controller.warmup_steps
 
     # 3. the same run interrupted at RESUME_AT, resumed in a fresh model and engine

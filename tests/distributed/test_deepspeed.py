@@ -113,8 +113,12 @@ def test_plain_deepspeed_loop(stage, tmp_path, reference):
     # routers held still during warmup (ZeRO keeps their gradients), trained after
     routers, warmup = r0["routers"], r0["warmup"]
     for i in range(1, warmup + 1):
-        assert torch.equal(routers[i], routers[0]), f"router moved during warmup step {i - 1}"
-    assert not torch.equal(routers[-1], routers[warmup])
+        assert torch.equal(routers[i][0], routers[0][0]), f"router moved in warmup step {i - 1}"
+        assert routers[i][1] == 0.0, "router gradient reached Adam's moments during warmup"
+    assert not torch.equal(routers[-1][0], routers[warmup][0]) and routers[-1][1] > 0
+    # the moments of reset slots are zero in ZeRO's optimizer state, the others untouched
+    for key, (before, reset, kept) in r0["moments"].items():
+        assert before > 0 and reset == 0.0 and kept > 0, key
     # each silent-failure path raises, on every process
     for r in (r0, r1):
         errors = r["errors"]
