@@ -35,7 +35,7 @@ from drlora_kernels.integrations.transformers import get_drlora  # noqa: E402
 from tests.distributed import ds_common as C  # noqa: E402
 
 
-def start(stage: int, config, zero_init: bool):
+def start(stage: int, config, zero_init: bool, before_hooks=None):
     """Model (built under ``deepspeed.zero.Init`` for ZeRO-3 when asked), engine, hooks."""
     torch.manual_seed(0)
     ds = C.ds_config(stage)
@@ -50,6 +50,8 @@ def start(stage: int, config, zero_init: bool):
         model = C.build_model(config)
     handle = get_drlora(model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=C.make_optimizer(handle), config=ds)
+    if before_hooks is not None:
+        before_hooks(engine)
     install_deepspeed_hooks(engine)
     return engine, handle
 
@@ -159,22 +161,45 @@ def main(stage: int, out: Path) -> None:
     train(engine, handle, range(C.RESUME_AT, C.STEPS), rank)
     res["resumed"] = result(engine, handle)
 
-    # 4. silent-failure path: a growth write that misses ZeRO's fp32 master is reverted
-    original = DeepSpeedEngine._write_master
-    DeepSpeedEngine._write_master = lambda self, param, local, values: None
+    # 4. silent-failure path: a growth write reverted during ZeRO's step (its fp32 master values
+    # from before the write copied back, as happens to a write that misses the master)
+    saved: list = []
+    write = DeepSpeedEngine.write_growth
+
+    def write_and_remember(self, pool, expert, old, new, a_rows):
+        for p in (pool.lora_A, pool.lora_B):
+            if self._fragment(p) is not None:
+                saved.append((self, p, self._master(p).clone()))
+        write(self, pool, expert, old, new, a_rows)
+
+    def revert_during_step(engine):
+        step = engine.optimizer.step
+
+        def reverting_step(*args, **kwargs):
+            for ds, p, master in reversed(saved):
+                ds._set_master(p, master)
+            saved.clear()
+            return step(*args, **kwargs)
+
+        engine.optimizer.step = reverting_step
+
+    DeepSpeedEngine.write_growth = write_and_remember
     try:
-        engine, handle = start(stage, config, zero_init)
+        engine, handle = start(stage, config, zero_init, before_hooks=revert_during_step)
         res["errors"]["write_reverted"] = provoke(
             lambda: train(engine, handle, range(C.STEPS), rank)
         )
     finally:
-        DeepSpeedEngine._write_master = original
+        DeepSpeedEngine.write_growth = write
 
     # 5. silent-failure path: the checkpoint of a partitioned model without the DeepSpeed engine
     if stage == 3:
         from drlora_kernels.engines import LocalEngine
 
-        handle.controller.engine = LocalEngine()
+        if hasattr(handle.controller, "bind_engine"):
+            handle.controller.bind_engine(LocalEngine())
+        else:
+            handle.controller.engine = LocalEngine()
         res["errors"]["save_partition"] = provoke(lambda: save_drlora(handle, out / "bad"))
         res["bad_written"] = (out / "bad").exists()
 

@@ -127,7 +127,7 @@ def test_plain_deepspeed_loop(stage, tmp_path, reference):
         )
         assert "reverted" in errors["write_reverted"] and name in errors["write_reverted"]
         if stage == 3:
-            assert "refusing to save" in errors["save_partition"] and not r["bad_written"]
+            assert "refusing" in errors["save_partition"] and not r["bad_written"]
         if stage == 2:
             assert "RankAwareAdamW" in errors["rank_aware_adamw"]
 
