@@ -198,6 +198,7 @@ class DeepSpeedEngine(Engine):
             return safe_get_local_optimizer_state(p, key).reshape(-1)
         return p._hp_mapping.get_hp_fragment(key).reshape(-1)
 
+    @torch.no_grad()
     def _set_master(self, p: torch.Tensor, value: torch.Tensor, key: str | None = None) -> None:
         if self.stage == 3:
             from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state

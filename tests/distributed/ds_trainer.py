@@ -43,8 +43,22 @@ class Batches(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
-def run(ds_json: str | None, out: Path, resume: str | None = None, world: int = C.WORLD) -> dict:
-    """One Trainer run (``world=1``: the single-process reference, a global batch per process)."""
+def base_weights(model) -> dict:
+    """The base model's full weights (gathered under ZeRO-3: ``zero.Init`` draws them differently)."""
+    params = {n: p for n, p in model.named_parameters() if ".drlora." not in n}
+    if any(hasattr(p, "ds_id") for p in params.values()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().clone() for n, p in params.items()}
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def run(
+    ds_json: str | None, out: Path, resume: str | None = None, world: int = C.WORLD, init=None
+) -> dict:
+    """One Trainer run (``world=1``: the single-process reference, a global batch per process;
+    ``init``: base weights to start from, e.g. those a ZeRO-3 run drew under ``zero.Init``)."""
     args = TrainingArguments(
         output_dir=str(out / "trainer"),
         deepspeed=ds_json,
@@ -68,6 +82,12 @@ def run(ds_json: str | None, out: Path, resume: str | None = None, world: int = 
     # after TrainingArguments: ZeRO-3 builds partitioned. Routers train from the start so the run
     # is comparable with the single-process one (ZeRO's Adam step count is per parameter group)
     model = C.build_model(C.drlora_config(freeze_router_during_warmup=False))
+    if init is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in init:
+                    p.copy_(init[name])
+    initial = base_weights(model) if resume is None and world > 1 else None
     handle = get_drlora(model)
     callback = DRLoRACallback(model)
     trainer = Trainer(model=model, args=args, train_dataset=Batches(), callbacks=[callback])
@@ -77,6 +97,7 @@ def run(ds_json: str | None, out: Path, resume: str | None = None, world: int = 
     res["engine"] = ctrl.engine.name
     res["engine_driven"] = getattr(callback, "_engine_driven", False)
     res["trainer_step"] = trainer.state.global_step
+    res["initial_base"] = initial
     res["logged_ranks"] = [h.get("drlora/mean_rank") for h in trainer.state.log_history]
     return res
 
