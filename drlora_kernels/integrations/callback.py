@@ -102,6 +102,11 @@ class DRLoRACallback(TrainerCallback):
                 "accelerate enables FSDP on GPUs only and runs plain data parallelism elsewhere",
                 engine,
             )
+        # DeepSpeed ZeRO steps inside accelerator.backward and owns the gradients: the
+        # controller then runs from ZeRO's optimizer step (engines/deepspeed.py), not from here.
+        from ..engines.deepspeed import maybe_install_deepspeed_hooks
+
+        self._engine_driven = maybe_install_deepspeed_hooks(self.handle, optimizer)
         if state.global_step > 0:
             self._resume(args, state)
         checkpointing = getattr(args, "activation_checkpointing", None) or getattr(
@@ -130,10 +135,14 @@ class DRLoRACallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------ a step
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.controller.update_statistics()
-        events = self.controller.step(
-            _unwrap_optimizer(optimizer) if optimizer is not None else None
-        )
+        if getattr(self, "_engine_driven", False):  # DeepSpeed: already done in ZeRO's step
+            events = list(self.controller.engine.events)
+            self.controller.engine.events.clear()
+        else:
+            self.controller.update_statistics()
+            events = self.controller.step(
+                _unwrap_optimizer(optimizer) if optimizer is not None else None
+            )
         if events:
             self._pending_events.extend(events)
             summary = self.controller.rank_summary()

@@ -100,8 +100,35 @@ class ExpertsLayout:
 
     def in_out(self, weight: torch.Tensor) -> tuple[int, int]:
         """``(in_features, out_features)`` of one expert of ``weight``."""
-        _, d1, d2 = weight.shape
+        _, d1, d2 = _shape(weight)
         return (d1, d2) if self.transposed else (d2, d1)
+
+
+def _shape(weight: torch.Tensor) -> torch.Size:
+    """The real shape of a weight: DeepSpeed ZeRO-3 partitions parameters built under
+    ``deepspeed.zero.Init`` to ``(0,)`` and keeps their shape in ``ds_shape`` (no gather needed)."""
+    return getattr(weight, "ds_shape", None) or weight.shape
+
+
+def _zero3_leaf_experts(experts: list[tuple[str, nn.Module]], model: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, mark each experts module a ZeRO-3 leaf module, so its fused base
+    weights and its rank pools (submodules) are gathered together at its forward and backward.
+
+    (Marking the whole MoE block, router included, as LlamaFactory does for its models, left a
+    ``(0,)`` base weight in the experts' backward with transformers 5.25 / DeepSpeed 0.19.8.)
+    """
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    if not zero3:
+        try:
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+            zero3 = is_deepspeed_zero3_enabled()
+        except ImportError:
+            return
+    if zero3:
+        from ..engines.deepspeed import register_zero3_leaf_modules
+
+        register_zero3_leaf_modules(module for _, module in experts)
 
 
 def _is_interface_experts(module: nn.Module) -> bool:
@@ -128,15 +155,15 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
     E = getattr(module, "num_experts", None)
     for p in projections:
         w = getattr(module, p, None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        if not isinstance(w, torch.Tensor) or len(_shape(w)) != 3:
             raise ValueError(
                 f"{name}.{p} must be a 3-D [E, out, in] or [E, in, out] parameter, got {type(w).__name__}"
             )
         if module.has_bias and not isinstance(getattr(module, f"{p}_bias", None), torch.Tensor):
             raise ValueError(f"{name} declares has_bias but has no {p}_bias")
-        E = w.shape[0] if E is None else E
-        if w.shape[0] != E:
-            raise ValueError(f"{name}.{p} has {w.shape[0]} experts, expected num_experts={E}")
+        E = _shape(w)[0] if E is None else E
+        if _shape(w)[0] != E:
+            raise ValueError(f"{name}.{p} has {_shape(w)[0]} experts, expected num_experts={E}")
     return ExpertsLayout(projections, bool(module.is_transposed), bool(module.has_bias), int(E))
 
 
@@ -638,6 +665,7 @@ def attach_drlora(
         if family is not None:
             family.install(module, modules.get(name.rpartition(".")[0], model) if name else None)
 
+    _zero3_leaf_experts([(name, module) for name, module, _ in found], model)
     router = _router_parameters(model, [n for n, _, _ in found]) if train_router else []
     for p in router:
         p.requires_grad_(True)
