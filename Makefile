@@ -38,8 +38,8 @@ bench-smoke: $(STAMP)
 	$(PY) -m bench --smoke
 
 lint: $(STAMP)
-	$(PY) -m ruff check drlora_kernels tests bench
-	$(PY) -m ruff format --check drlora_kernels tests bench
+	$(PY) -m ruff check drlora_kernels tests bench tools
+	$(PY) -m ruff format --check drlora_kernels tests bench tools
 
 clean:
 	rm -rf build *.egg-info drlora_kernels/_C*.so drlora_kernels/_build_meta.py .pytest_cache

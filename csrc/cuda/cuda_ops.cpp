@@ -109,7 +109,7 @@ int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 // in place when its layout allows 16-byte accesses, else packed (slots >= r_e zero).
 at::Tensor slot_major(const at::Tensor& v, const at::Tensor& ranks, cudaStream_t stream) {
   const int64_t E = v.size(0), R = v.size(1), P = v.size(2);
-  const bool in_place = v.stride(2) == 1 && (R == 1 || v.stride(1) % 8 == 0) &&
+  const bool in_place = v.stride(2) == 1 && v.stride(1) % 8 == 0 && v.stride(1) >= P &&
                         (E == 1 || v.stride(0) % 8 == 0) && aligned16(v);
   if (in_place) return v;
   auto out = at::empty({E, R, P}, v.options());
@@ -245,13 +245,14 @@ at::Tensor base_expand(const std::optional<at::Tensor>& x, const std::optional<a
   check_multiple_of_8(K, "x.shape[1] (K)");
   const auto xr = rows_operand(*x);
   at::Tensor wt = *w;
-  auto ok_layout = [&](int64_t ld) {
-    return (N == 1 || ld % 8 == 0) && (E == 1 || wt.stride(0) % 8 == 0) && aligned16(wt);
+  auto ok_layout = [&](int64_t ld, int64_t contiguous_extent) {
+    return ld % 8 == 0 && ld >= contiguous_extent && (E == 1 || wt.stride(0) % 8 == 0) &&
+           aligned16(wt);
   };
   k::GemmKind kind = k::GemmKind::kRowCol;  // w[e] [N, K] K-contiguous = column-major [K, N]
   int64_t ldw = wt.stride(1);
-  if (!(wt.stride(2) == 1 && ok_layout(wt.stride(1)))) {
-    if (wt.stride(1) == 1 && ok_layout(wt.stride(2))) {
+  if (!(wt.stride(2) == 1 && ok_layout(wt.stride(1), K))) {
+    if (wt.stride(1) == 1 && ok_layout(wt.stride(2), N)) {
       kind = k::GemmKind::kRowRow;  // N-contiguous (the backward's w^T) = row-major [K, N]
       ldw = wt.stride(2);
     } else {

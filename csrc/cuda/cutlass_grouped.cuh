@@ -83,6 +83,14 @@ int persistent_blocks() {
 
 template <typename Kernel>
 int run_grouped(const GroupedArgs& a, int num_experts, cudaStream_t stream) {
+  // GemmGroupedPerGroupScale reads alpha_e/beta_e only for this exact epilogue type (any
+  // other silently gets params.alpha/beta for every expert): pin it.
+  using Op = typename Kernel::EpilogueOutputOp;
+  static_assert(std::is_same_v<Op, cutlass::epilogue::thread::LinearCombination<
+                                       typename Op::ElementOutput, Op::kCount,
+                                       typename Op::ElementAccumulator,
+                                       typename Op::ElementCompute, Op::kScale, Op::kRound>>,
+                "per-expert alpha/beta need the plain LinearCombination epilogue");
   using Gemm = cutlass::gemm::device::GemmGrouped<Kernel>;
   using ElementA = typename Gemm::ElementA;
   using ElementB = typename Gemm::ElementB;
