@@ -273,7 +273,7 @@ def table(rows: list[Row], markdown: bool = False) -> str:
             str(r.registers),
             f"{r.spill_stores}/{r.spill_loads}",
             str(r.stack),
-            f"{r.smem}" + (" (dyn)" if r.dynamic_smem else ""),
+            f"{r.smem}" + (" (dynamic)" if r.dynamic_smem else ""),
             "yes" if not r.problems else "NO: " + "; ".join(r.problems),
         ]
         for r in rows
