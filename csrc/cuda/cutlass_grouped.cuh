@@ -63,6 +63,7 @@ constexpr int kShrinkStages = 4;
 
 // Resident blocks per SM times SMs: the persistent grid of one kernel on this device
 // (cached per device; CUTLASS's occupancy query also raises the shared-memory limit).
+// Returns 0 when no block fits on an SM and -1 when a device query failed.
 template <typename Gemm>
 int persistent_blocks() {
   constexpr int kMaxDevices = 64;
@@ -75,8 +76,8 @@ int persistent_blocks() {
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     return -1;
   }
-  const int per_sm = Gemm::maximum_active_blocks();
-  if (per_sm <= 0) return 0;
+  const int per_sm = Gemm::maximum_active_blocks();  // -1: the query failed (error cleared)
+  if (per_sm <= 0) return per_sm;
   cache[device].store(per_sm * sms, std::memory_order_relaxed);
   return per_sm * sms;
 }
@@ -96,7 +97,7 @@ int run_grouped(const GroupedArgs& a, int num_experts, cudaStream_t stream) {
   using ElementB = typename Gemm::ElementB;
   using ElementC = typename Gemm::ElementC;
   const int blocks = persistent_blocks<Gemm>();
-  if (blocks < 0) return static_cast<int>(cudaGetLastError());
+  if (blocks < 0) return kErrorOccupancyQuery;  // never 0 (= success) without a launch
   if (blocks == 0) return kErrorNoResidentBlock;
 
   typename Gemm::EpilogueOutputOp::Params epilogue(a.alpha, a.beta);

@@ -41,5 +41,6 @@ int run_col_row(Dtype dtype, const GroupedArgs& args, int num_experts, cudaStrea
 constexpr int kErrorCutlassBase = 20000;  // + cutlass::Status
 constexpr int kErrorNoResidentBlock = 30000;  // the kernel does not fit on an SM
 constexpr int kErrorBadArgument = 30001;
+constexpr int kErrorOccupancyQuery = 30002;  // a device / occupancy query failed
 
 }  // namespace drlora::cuda::kernels::detail

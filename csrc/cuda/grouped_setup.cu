@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cutlass/cutlass.h"
 #include "grouped_args.h"
 #include "kernels.h"
 
@@ -287,8 +288,13 @@ const char* error_string(int code) {
     return "the grouped GEMM kernel does not fit on one SM of this device (shared memory)";
   }
   if (code == kErrorBadArgument) return "invalid argument to a drlora CUDA launcher";
+  if (code == kErrorOccupancyQuery) {
+    return "querying the device (SM count, occupancy of the grouped GEMM kernel) failed";
+  }
   if (code >= kErrorCutlassBase && code < kErrorCutlassBase + 100) {
-    return "CUTLASS grouped GEMM rejected its arguments (cutlass::Status != kSuccess)";
+    // initialize() or run() of the CUTLASS grouped GEMM (a launch error is reported by
+    // CUTLASS as kErrorInternal after it consumed cudaGetLastError)
+    return cutlass::cutlassGetStatusString(static_cast<cutlass::Status>(code - kErrorCutlassBase));
   }
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
