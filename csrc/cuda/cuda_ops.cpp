@@ -141,20 +141,7 @@ k::OperandSpec per_expert(const at::Tensor& t, int64_t expert_step, int64_t ld) 
 k::GroupedGemmSpec spec(k::Extent m, k::Extent n, k::Extent kk, int64_t fixed_m, int64_t fixed_n,
                         int64_t fixed_k, int64_t max_rank, k::OperandSpec a, k::OperandSpec b,
                         k::OperandSpec d, const float* alpha, k::GroupedGemmSpec::Beta beta) {
-  k::GroupedGemmSpec s{};
-  s.m = m;
-  s.n = n;
-  s.k = kk;
-  s.fixed_m = fixed_m;
-  s.fixed_n = fixed_n;
-  s.fixed_k = fixed_k;
-  s.max_rank = max_rank;
-  s.a = a;
-  s.b = b;
-  s.d = d;
-  s.alpha = alpha;
-  s.beta = beta;
-  return s;
+  return {m, n, kk, fixed_m, fixed_n, fixed_k, max_rank, a, b, d, alpha, beta};
 }
 
 // Runs one grouped GEMM with its own argument workspace (torch's caching allocator).
