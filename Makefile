@@ -1,6 +1,7 @@
 # The two commands of the README. Each sets everything up on a fresh machine:
 # a .venv, torch 2.13.0 (the CPU wheel), the package with its dependencies and
-# the native extension (CUDA sources compiled when nvcc is found), then runs.
+# the native extension (CUDA sources compiled when nvcc is found, against the
+# CUTLASS headers of the nvidia-cutlass wheel), then runs.
 #   make demo   - the main job, end to end
 #   make test   - the whole test suite
 PYTHON ?= python3
@@ -21,7 +22,7 @@ $(PY):
 
 $(STAMP): $(PY) $(NATIVE_SOURCES)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet "setuptools>=68" wheel pybind11 ninja cmake
+	$(PY) -m pip install --quiet "setuptools>=68" wheel pybind11 ninja cmake "nvidia-cutlass==4.2.0.0"
 	DRLORA_BUILD_NATIVE=$(BUILD_NATIVE) $(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	@touch $(STAMP)
 
@@ -37,8 +38,8 @@ bench-smoke: $(STAMP)
 	$(PY) -m bench --smoke
 
 lint: $(STAMP)
-	$(PY) -m ruff check drlora_kernels tests bench
-	$(PY) -m ruff format --check drlora_kernels tests bench
+	$(PY) -m ruff check drlora_kernels tests bench tools
+	$(PY) -m ruff format --check drlora_kernels tests bench tools
 
 clean:
 	rm -rf build *.egg-info drlora_kernels/_C*.so drlora_kernels/_build_meta.py .pytest_cache

@@ -12,6 +12,9 @@ Environment gates (see README, "Environment variables"):
 * ``DRLORA_CUDA_ARCHS``        CUDA archs, e.g. ``"80;90"`` (default ``80;90``), used when nvcc is found
   (``CUDACXX``, ``PATH`` or ``/usr/local/cuda/bin/nvcc``; never a GPU query);
 * ``DRLORA_WITH_CUDA=0``       do not compile the CUDA sources even when nvcc is found;
+  the CUDA sources need the CUTLASS headers of the ``nvidia-cutlass`` wheel (``make install``
+  installs it; CMake finds them with a Python query, or ``DRLORA_CUTLASS_INCLUDE_DIR=...``):
+  nvcc without them is a build failure (strict) or a CPU-only build (auto);
 * ``MAX_JOBS``                 parallel build jobs; ``DEBUG=1`` for a debug build.
 
 The native build needs the installed torch: install with ``--no-build-isolation``.
@@ -102,6 +105,17 @@ class CMakeBuild(build_ext):
         if nvcc:
             # point CMake at the nvcc we found (it may not be on PATH, e.g. /usr/local/cuda/bin)
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            cutlass = os.environ.get("DRLORA_CUTLASS_INCLUDE_DIR", "")
+            if cutlass:
+                args.append(f"-DDRLORA_CUTLASS_INCLUDE_DIR={cutlass}")
+            elif not _has_cutlass_wheel():
+                # CMake (which finds the headers itself) stops too; this message reaches the
+                # auto-mode warning and build_info()["cuda_not_built_reason"]
+                raise RuntimeError(
+                    f"nvcc found at {nvcc} but not the CUTLASS headers the CUDA kernels need: "
+                    f"{sys.executable} -m pip install nvidia-cutlass==4.2.0.0 "
+                    "(or set DRLORA_WITH_CUDA=0 for a CPU-only build)"
+                )
         if shutil.which("ninja") or _has_module("ninja"):
             args.append("-GNinja")
             if not shutil.which("ninja"):
@@ -143,6 +157,13 @@ def _has_module(name: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+def _has_cutlass_wheel() -> bool:
+    """Whether the ``nvidia-cutlass`` wheel (module ``cutlass_library``) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("cutlass_library") is not None
 
 
 def _find_nvcc() -> str | None:

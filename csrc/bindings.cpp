@@ -10,6 +10,9 @@
 #include "checks.h"
 #include "drlora_build_config.h"
 #include "grouped_lora.h"
+#ifdef DRLORA_WITH_CUDA
+#include "cuda/cuda_ops.h"
+#endif
 
 namespace drlora {
 namespace {
@@ -105,8 +108,21 @@ void check_u(const at::Tensor& u, const at::Tensor& ref, const char* ref_name, i
   DRLORA_CHECK_CONTIGUOUS(u);
 }
 
+// CUDA tensors only on this branch (the CUDA primitives of cuda_ops.h).
+void check_cuda_primitive(const at::Tensor& t, const char* name) {
+#ifdef DRLORA_WITH_CUDA
+  DRLORA_CHECK(t.is_cuda(), name, " is on ", t.device(),
+               ": this entry point runs the CUDA primitives (CPU: shrink/forward/backward)");
+#else
+  DRLORA_CHECK(false, name, " is on ", t.device(),
+               ": the extension was built without CUDA, this entry point is CUDA only");
+#endif
+}
+
+// shrink: lora_a may have any strides on CUDA (the backward passes lora_b^T); the
+// CPU kernel wants it contiguous and takes no scale.
 at::Tensor shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& ranks,
-                  const at::Tensor& offsets) {
+                  const at::Tensor& offsets, const std::optional<at::Tensor>& scale) {
   DRLORA_CHECK_DIM(x, 2);
   DRLORA_CHECK_DIM(lora_a, 3);
   DRLORA_CHECK_DTYPE(x, DRLORA_FLOAT_DTYPES);
@@ -115,14 +131,81 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tenso
   DRLORA_CHECK_SAME_DTYPE(lora_a, x);
   DRLORA_CHECK_DEVICE(lora_a, x);
   DRLORA_CHECK_CONTIGUOUS(x);
-  DRLORA_CHECK_CONTIGUOUS(lora_a);
   check_device_supported(x);
-  check_groups(ranks, offsets, nullptr, x, "x", E, R, T);
+  check_groups(ranks, offsets, scale.has_value() ? &*scale : nullptr, x, "x", E, R, T);
+#ifdef DRLORA_WITH_CUDA
+  if (x.is_cuda()) {
+    pybind11::gil_scoped_release nogil;
+    return cuda::shrink(x, lora_a, ranks, offsets, scale);
+  }
+#endif
+  DRLORA_CHECK_CONTIGUOUS(lora_a);
+  DRLORA_CHECK(!scale.has_value(), "scale is not supported by the CPU shrink on this branch");
+  pybind11::gil_scoped_release nogil;
+  return cpu::shrink(x, lora_a, ranks, offsets);
+}
+
+at::Tensor base_expand(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& w,
+                       const at::Tensor& u, const at::Tensor& lora_b, const at::Tensor& ranks,
+                       const at::Tensor& offsets, const at::Tensor& scale) {
+  DRLORA_CHECK_DIM(u, 2);
+  DRLORA_CHECK_DIM(lora_b, 3);
+  DRLORA_CHECK_DTYPE(lora_b, DRLORA_FLOAT_DTYPES);
+  check_cuda_primitive(lora_b, "lora_b");
+  check_device_supported(lora_b, "lora_b");
+  const int64_t T = u.size(0), R = u.size(1), E = lora_b.size(0), N = lora_b.size(1);
+  DRLORA_CHECK_SHAPE(lora_b, "[E, N, R]", E, N, R);
+  check_u(u, lora_b, "lora_b", T, R);
+  DRLORA_CHECK(x.has_value() || !w.has_value(), "w is given but x is None: the base GEMM needs x");
+  if (x.has_value()) {
+    const at::Tensor& xv = *x;
+    checks::check_shape(xv, "x", {T, xv.dim() == 2 ? xv.size(1) : -1}, "[T, K]");
+    DRLORA_CHECK_SAME_DTYPE(xv, lora_b);
+    checks::check_same_device(xv, "x", lora_b, "lora_b");
+    checks::check_contiguous(xv, "x");
+  }
+  if (w.has_value()) {
+    const at::Tensor& wv = *w;
+    checks::check_shape(wv, "w", {E, N, x->size(1)}, "[E, N, K]");
+    DRLORA_CHECK_SAME_DTYPE(wv, lora_b);
+    checks::check_same_device(wv, "w", lora_b, "lora_b");
+  }
+  check_groups(ranks, offsets, &scale, lora_b, "lora_b", E, R, T);
   pybind11::gil_scoped_release nogil;
 #ifdef DRLORA_WITH_CUDA
-  if (x.is_cuda()) return cuda::shrink(x, lora_a, ranks, offsets);
+  return cuda::base_expand(x, w, u, lora_b, ranks, offsets, scale);
+#else
+  return at::Tensor();  // unreachable: check_cuda_primitive threw
 #endif
-  return cpu::shrink(x, lora_a, ranks, offsets);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
+    const std::optional<at::Tensor>& gb, const at::Tensor& ranks, const at::Tensor& offsets,
+    const at::Tensor& scale, bool need_a, bool need_b, bool need_w) {
+  DRLORA_CHECK_DIM(x, 2);
+  DRLORA_CHECK_DIM(grad_y, 2);
+  DRLORA_CHECK_DIM(u, 2);
+  DRLORA_CHECK_DTYPE(x, DRLORA_FLOAT_DTYPES);
+  check_cuda_primitive(x, "x");
+  check_device_supported(x);
+  const int64_t T = x.size(0), R = u.size(1), E = ranks.dim() == 1 ? ranks.size(0) : -1;
+  DRLORA_CHECK_SHAPE(grad_y, "[T, N]", T, grad_y.size(1));
+  DRLORA_CHECK_SAME_DTYPE(grad_y, x);
+  DRLORA_CHECK_DEVICE(grad_y, x);
+  DRLORA_CHECK_CONTIGUOUS(x);
+  DRLORA_CHECK_CONTIGUOUS(grad_y);
+  check_u(u, x, "x", T, R);
+  DRLORA_CHECK(!need_a || gb.has_value(), "need_a is true but gb is None");
+  if (need_a) check_u(*gb, x, "x", T, R);
+  check_groups(ranks, offsets, &scale, x, "x", E, R, T);
+  const at::Tensor gb_t = need_a ? *gb : at::empty({0}, u.options());
+  pybind11::gil_scoped_release nogil;
+#ifdef DRLORA_WITH_CUDA
+  return cuda::weight_grad(grad_y, x, u, gb_t, ranks, offsets, scale, need_a, need_b, need_w);
+#else
+  return {};  // unreachable: check_cuda_primitive threw
+#endif
 }
 
 at::Tensor expand(const at::Tensor& u, const at::Tensor& lora_b, const at::Tensor& ranks,
@@ -137,9 +220,7 @@ at::Tensor expand(const at::Tensor& u, const at::Tensor& lora_b, const at::Tenso
   check_device_supported(lora_b, "lora_b");
   check_groups(ranks, offsets, &scale, u, "u", E, R, T);
   pybind11::gil_scoped_release nogil;
-#ifdef DRLORA_WITH_CUDA
-  if (u.is_cuda()) return cuda::expand(u, lora_b, ranks, offsets, scale);
-#endif
+  DRLORA_CHECK(u.device().is_cpu(), "u is on ", u.device(), ": expand is CPU only (CUDA: base_expand)");
   return cpu::expand(u, lora_b, ranks, offsets, scale);
 }
 
@@ -150,9 +231,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optio
   const Sizes s = check_problem(x, lora_a, lora_b, w);
   check_groups(ranks, offsets, &scale, x, "x", s.E, s.R, s.T);
   pybind11::gil_scoped_release nogil;
-#ifdef DRLORA_WITH_CUDA
-  if (x.is_cuda()) return cuda::forward(x, w, lora_a, lora_b, ranks, offsets, scale);
-#endif
+  DRLORA_CHECK(x.device().is_cpu(), "x is on ", x.device(),
+               ": forward is CPU only (CUDA: shrink + base_expand)");
   return cpu::forward(x, w, lora_a, lora_b, ranks, offsets, scale);
 }
 
@@ -170,12 +250,8 @@ BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
   check_groups(ranks, offsets, &scale, x, "x", s.E, s.R, s.T);
   DRLORA_CHECK(!need_w || w.has_value(), "need_w is true but w is None");
   pybind11::gil_scoped_release nogil;
-#ifdef DRLORA_WITH_CUDA
-  if (x.is_cuda()) {
-    return cuda::backward(grad_y, x, w, lora_a, lora_b, u, ranks, offsets, scale, need_x, need_w,
-                          need_a, need_b, with_importance);
-  }
-#endif
+  DRLORA_CHECK(x.device().is_cpu(), "x is on ", x.device(),
+               ": backward is CPU only (CUDA: shrink + base_expand + weight_grad)");
   return cpu::backward(grad_y, x, w, lora_a, lora_b, u, ranks, offsets, scale, need_x, need_w,
                        need_a, need_b, with_importance);
 }
@@ -225,7 +301,7 @@ pybind11::dict build_info() {
   d["cpu_kernels"] = true;
   d["cpu_dtypes"] = "float32, bfloat16, float16 (fp32 accumulation), float64";
 #ifdef DRLORA_WITH_CUDA
-  d["cuda_dtypes"] = "float32, bfloat16, float16 (fp32 accumulation)";
+  d["cuda_dtypes"] = "bfloat16, float16 (CUTLASS grouped GEMM on tensor cores, fp32 accumulation)";
 #endif
   return d;
 }
@@ -237,8 +313,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "drlora_kernels native extension: grouped variable-rank LoRA kernels (CPU, CUDA)";
   m.def("build_info", &drlora::build_info, "what this extension was compiled with");
-  m.def("shrink", &drlora::shrink, "u[rows_e, :r_e] = x[rows_e] @ lora_a[e, :r_e].T -> [T, R]",
-        py::arg("x"), py::arg("lora_a"), py::arg("ranks"), py::arg("offsets"));
+  m.def("shrink", &drlora::shrink,
+        "u [T, R] fp32: u[rows_e, :r_e] = scale[e] * x[rows_e] @ lora_a[e, :r_e].T, 0 beyond",
+        py::arg("x"), py::arg("lora_a"), py::arg("ranks"), py::arg("offsets"),
+        py::arg("scale") = py::none());
+  m.def("base_expand", &drlora::base_expand,
+        "y [T, N]: x[rows_e] @ w[e].T (if w) + scale[e] * u[rows_e, :r_e] @ lora_b[e, :, :r_e].T "
+        "(CUDA)",
+        py::arg("x"), py::arg("w"), py::arg("u"), py::arg("lora_b"), py::arg("ranks"),
+        py::arg("offsets"), py::arg("scale"));
+  m.def("weight_grad", &drlora::weight_grad,
+        "(da, db, dw); gradients not asked for are empty [0] tensors (CUDA)", py::arg("grad_y"),
+        py::arg("x"), py::arg("u"), py::arg("gb"), py::arg("ranks"), py::arg("offsets"),
+        py::arg("scale"), py::arg("need_a"), py::arg("need_b"), py::arg("need_w"));
   m.def("expand", &drlora::expand,
         "y[rows_e] = scale[e] * u[rows_e, :r_e] @ lora_b[e, :, :r_e].T -> [T, N]", py::arg("u"),
         py::arg("lora_b"), py::arg("ranks"), py::arg("offsets"), py::arg("scale"));

@@ -43,9 +43,7 @@ std::tuple<at::Tensor, at::Tensor> slot_importance(const at::Tensor& lora_a,
                                                    const at::Tensor& grad_b,
                                                    const at::Tensor& ranks);
 }  // namespace cpu
-#ifdef DRLORA_WITH_CUDA
-DRLORA_DECLARE_BACKEND(cuda)
-#endif
+// CUDA tensors: the three primitives of csrc/cuda/cuda_ops.h.
 
 #undef DRLORA_DECLARE_BACKEND
 
