@@ -86,3 +86,37 @@ def test_compiled_expert_block_matches_eager(backend):
     eager = experts(hidden, idx, wts)
     compiled = torch.compile(experts, fullgraph=True)
     torch.testing.assert_close(compiled(hidden, idx, wts), eager)
+
+
+BAD_VALUES = {
+    "rank-above-r-max": (dict(ranks=[2, 9, 0, 4]), "ranks out of range"),
+    "rank-negative": (dict(ranks=[2, -1, 0, 4]), "ranks out of range"),
+    "offsets-non-monotone": (dict(offsets=[0, 12, 10, 22, 30]), "offsets"),
+    "offsets-end": (dict(offsets=[0, 10, 10, 22, 29]), "offsets"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_VALUES), ids=list(BAD_VALUES))
+def test_compiled_graph_refuses_bad_ranks_and_offsets(backend, bad):
+    """Value checks hold inside a compiled graph (device-side asserts), never a silent result."""
+    backend = _compile_backends(backend)
+    compiled = torch.compile(_fn(backend), fullgraph=True)
+    p = make_problem(E=4, K=16, N=12, R=8, group_sizes=[10, 0, 12, 8], ranks=[2, 8, 0, 4])
+    args = [p.x, p.w, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale]
+    compiled(*args)
+    over, match = BAD_VALUES[bad]
+    if "ranks" in over:
+        args[4] = torch.tensor(over["ranks"], dtype=torch.int32)
+    else:
+        args[5] = torch.tensor(over["offsets"], dtype=torch.int32)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            compiled(*args)
+
+
+def test_compiled_route_tokens_refuses_bad_expert_ids():
+    compiled = torch.compile(lambda i, w: dk.route_tokens(i, w, 4).offsets, fullgraph=True)
+    idx, wts = torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2)
+    torch.testing.assert_close(compiled(idx, wts), torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="expert id outside"):
+        compiled(torch.tensor([[0, 1], [2, 4]]), wts)
