@@ -230,6 +230,8 @@ pybind11::dict build_info() {
   d["cxx_compiler"] = DRLORA_CXX_COMPILER;
   d["cuda_compiler"] = DRLORA_CUDA_COMPILER;
   d["cpu_kernels"] = true;
+  d["primitives"] = "shrink, base_expand, weight_grad (cpu and cuda); lora_backward (fused), "
+                    "slot_importance (cpu)";
   d["cpu_dtypes"] = "float32, bfloat16, float16 (fp32 accumulation), float64";
 #ifdef DRLORA_WITH_CUDA
   d["cuda_dtypes"] = "float32, bfloat16, float16 (fp32 accumulation)";

@@ -33,8 +33,10 @@ def test_build_info_keys():
         "native_with_cuda",
         "not_loaded_reason",
         "with_cuda",
+        "auto_order",
     ):
         assert key in info, f"build_info() lacks {key!r}: {info}"
+    assert info["auto_order"]["cuda"].startswith("triton"), info["auto_order"]
     if not info["native_loaded"]:
         assert info["not_loaded_reason"], "an unloaded extension must say why"
 
