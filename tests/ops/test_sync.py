@@ -33,21 +33,26 @@ def _experts(backend: str, device="cpu") -> DRLoRAExperts:
         r_init=3,
         backend=backend,
         generator=gen,
-    ).to(device)
+    )
     with torch.no_grad():
         experts.lora_gate_up.lora_B.normal_(generator=gen)
         experts.lora_down.lora_B.normal_(generator=gen)
     experts.lora_down.grow([1, 2], [5, 2])
-    return experts
+    return experts.to(device)
 
 
-def _step(experts: DRLoRAExperts, device="cpu") -> torch.Tensor:
+def _inputs(device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    hidden = torch.randn(10, 16, generator=gen).to(device).requires_grad_()
-    idx = torch.randint(0, 4, (10, 2), generator=gen).to(device)
-    wts = torch.rand(10, 2, generator=gen).to(device)
-    y = experts(hidden, idx, wts)
-    y.square().sum().backward()
+    hidden = torch.randn(10, 16, generator=gen)
+    idx = torch.randint(0, 4, (10, 2), generator=gen)
+    wts = torch.rand(10, 2, generator=gen)
+    return hidden.to(device), idx.to(device), wts.to(device)
+
+
+def _step(experts: DRLoRAExperts, inputs) -> torch.Tensor:
+    hidden, idx, wts = inputs
+    hidden = hidden.detach().requires_grad_()
+    experts(hidden, idx, wts).square().sum().backward()
     return hidden.grad
 
 
@@ -64,13 +69,13 @@ def _forbid_host_reads(monkeypatch):
 
 @pytest.mark.skipif(not _native.HAS_NATIVE, reason=f"native: {_native.NOT_LOADED_REASON}")
 def test_moe_training_step_reads_nothing_on_the_host(monkeypatch):
-    experts = _experts("native")
-    expected = _step(experts)
+    experts, inputs = _experts("native"), _inputs()
+    expected = _step(experts, inputs)
     grads = [p.grad.clone() for p in experts.parameters() if p.requires_grad]
     experts.zero_grad()
     with simulate_accelerator():
         _forbid_host_reads(monkeypatch)
-        got = _step(experts)
+        got = _step(experts, inputs)
         monkeypatch.undo()
     torch.testing.assert_close(got, expected)
     for g, p in zip(grads, [p for p in experts.parameters() if p.requires_grad]):
@@ -79,11 +84,11 @@ def test_moe_training_step_reads_nothing_on_the_host(monkeypatch):
 
 def test_the_guard_catches_a_host_read(monkeypatch):
     """The monkeypatch above really refuses: the reference backend reads ranks on the host."""
-    experts = _experts("reference")
+    experts, inputs = _experts("reference"), _inputs()
     with simulate_accelerator():
         _forbid_host_reads(monkeypatch)
         with pytest.raises(AssertionError, match="host sync: Tensor.tolist"):
-            _step(experts)
+            _step(experts, inputs)
         monkeypatch.undo()
 
 
@@ -104,11 +109,11 @@ def test_no_sync_on_cuda(backend):
     ok, why = describe_backend(backend).supports(torch.device("cuda"))
     if not ok:
         pytest.skip(f"{backend} on cuda: {why}")
-    experts = _experts(backend, "cuda")
-    _step(experts, "cuda")  # warm-up: autotuning and lazy initialisation may sync once
+    experts, inputs = _experts(backend, "cuda"), _inputs("cuda")
+    _step(experts, inputs)  # warm-up: autotuning and lazy initialisation may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _step(experts, "cuda")
+        _step(experts, inputs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
