@@ -43,7 +43,10 @@ def check_tensor(
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
+    # non-tensors are left to the type checks that follow (a TypeError naming them)
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return
     ref_name, ref = items[0]
     for name, t in items[1:]:
         if t.device != ref.device:

@@ -34,6 +34,7 @@ def _call(p, backend="reference", **over):
         (lambda p: dict(x=p.x.int()), TypeError, "x has dtype"),
         (lambda p: dict(x="not a tensor"), TypeError, "x must be a torch.Tensor"),
         (lambda p: dict(ranks=p.ranks.float()), TypeError, "ranks"),
+        (lambda p: dict(ranks=[2, 8, 0, 4]), TypeError, "ranks must be a torch.Tensor"),
         (lambda p: dict(ranks=p.ranks[:-1]), ValueError, "ranks must have shape"),
         (
             lambda p: dict(ranks=torch.tensor([2, 9, 0, 4], dtype=torch.int32)),
@@ -88,6 +89,7 @@ def _call(p, backend="reference", **over):
         "x-int",
         "x-not-tensor",
         "ranks-float",
+        "ranks-list",
         "ranks-short",
         "rank-above-R",
         "rank-negative",
