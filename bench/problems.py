@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from drlora_kernels import DRLoRAExperts
-from drlora_kernels.ops import reference, route_tokens
+from drlora_kernels.ops import route_tokens
+from drlora_kernels.ops.registry import lora_backward, lora_forward, plain_ops
 
 from .workloads import Workload, make_ranks, make_routing
 
@@ -65,32 +66,28 @@ def make_ops_problem(w: Workload, device: torch.device, seed: int = 0) -> OpsPro
     )
 
 
-def ops_reference(p: OpsProblem, fused: bool, backward: bool) -> dict[str, torch.Tensor]:
-    """The oracle (``drlora_kernels.ops.reference`` called directly, fp32 accumulation)."""
-    w = p.w if fused else None
-    y, u = reference.forward(p.x, w, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
+def _oracle(p: OpsProblem, w: torch.Tensor | None, ranks: torch.Tensor, backward: bool, **need):
+    ops = plain_ops("reference")
+    common = dict(w=w, lora_a=p.lora_a, lora_b=p.lora_b, ranks=ranks, offsets=p.offsets,
+                  scale=p.scale)  # fmt: skip
+    y, u = lora_forward(ops, x=p.x, **common)
     out = {"y": y}
     if backward:
-        dx, _, da, db, _, _ = reference.backward(
-            p.grad_out, p.x, w, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale,
-            True, False, True, True, False,
-        )  # fmt: skip
-        out.update(dx=dx, da=da, db=db)
+        g = lora_backward(ops, grad_y=p.grad_out, x=p.x, u=u, need_x=True, need_w=False, **need,
+                          **common)  # fmt: skip
+        out.update((k, v) for k, v in g._asdict().items() if v is not None)
     return out
+
+
+def ops_reference(p: OpsProblem, fused: bool, backward: bool) -> dict[str, torch.Tensor]:
+    """The oracle (``drlora_kernels.ops.reference``'s primitives, composed, fp32 accumulation)."""
+    return _oracle(p, p.w if fused else None, p.ranks, backward, need_a=True, need_b=True)
 
 
 def ops_base_reference(p: OpsProblem, backward: bool) -> dict[str, torch.Tensor]:
     """Oracle of the frozen base GEMM alone: the reference with every rank at 0."""
     zero = torch.zeros_like(p.ranks)
-    y, u = reference.forward(p.x, p.w, p.lora_a, p.lora_b, zero, p.offsets, p.scale)
-    out = {"y": y}
-    if backward:
-        dx = reference.backward(
-            p.grad_out, p.x, p.w, p.lora_a, p.lora_b, u, zero, p.offsets, p.scale,
-            True, False, False, False, False,
-        )[0]  # fmt: skip
-        out["dx"] = dx
-    return out
+    return _oracle(p, p.w, zero, backward, need_a=False, need_b=False)
 
 
 @dataclass

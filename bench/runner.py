@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from drlora_kernels.ops import available_backends, backend_module
+from drlora_kernels.ops import BACKENDS, describe_backend
 
 from .providers import ours
 from .timing import MEMORY_METHOD, SMOKE_POLICY, TimingPolicy, peak_memory_bytes, time_interleaved
@@ -83,17 +83,10 @@ def select_backends(device: torch.device, smoke: bool) -> tuple[list[str], dict[
     only to be verified (:attr:`Context.verify_only`).
     """
     chosen, skipped = [], {}
-    for name, (ok, why) in available_backends().items():
+    for name in BACKENDS:
+        ok, why = describe_backend(name).supports(device)
         if not ok:
             skipped[name] = why
-            continue
-        mod = backend_module(name)
-        if mod.DEVICE_TYPES is not None and device.type not in mod.DEVICE_TYPES:
-            skipped[name] = f"runs on {mod.DEVICE_TYPES}, not {device.type}"
-            continue
-        supports = getattr(mod, "supports_device", None)
-        if supports is not None and not supports(device):
-            skipped[name] = f"does not support device {device}"
             continue
         if name == "triton" and device.type == "cpu" and not smoke:
             skipped[name] = "Triton interpreter on CPU: verified (not timed) in --smoke only"

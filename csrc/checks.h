@@ -5,7 +5,10 @@
 // offsets) or a TypeError (dtype) rather than a crash inside a kernel.
 // Value checks on ranks/offsets read them on the host, so they run for CPU
 // tensors only: on CUDA they would force a device sync on every call (the
-// Python layer, drlora_kernels/ops/_validate.py, has validated them already).
+// Python layer, drlora_kernels/ops/_validate.py, checks them with device-side
+// asserts there). Integer tensors must arrive int32 and contiguous: the kernels
+// index them as flat int32 arrays, and a strided or expanded view read that way
+// is a wrong result or a heap corruption (the Python API converts them).
 #pragma once
 
 #include <torch/extension.h>
@@ -45,6 +48,14 @@ inline void check_shape(const at::Tensor& t, const char* name,
   }
 }
 
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                             const char* ref_name) {
+  if (t.scalar_type() != ref.scalar_type()) {
+    throw pybind11::type_error(c10::str(name, " has dtype ", t.scalar_type(), " but ", ref_name,
+                                        " has ", ref.scalar_type(), "; they must match"));
+  }
+}
+
 inline void check_dim(const at::Tensor& t, const char* name, int64_t ndim) {
   if (t.dim() != ndim) {
     throw pybind11::value_error(c10::str(name, " must be ", ndim, "-D, got shape ", shape_str(t)));
@@ -63,6 +74,20 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
   if (!t.is_contiguous()) {
     throw pybind11::value_error(c10::str(name, " must be contiguous (shape ", shape_str(t),
                                          ", strides ", t.strides(), ")"));
+  }
+}
+
+// ranks / offsets: 1-D, int32, contiguous (strides of a view would be ignored by the kernels).
+inline void check_index_tensor(const at::Tensor& t, const char* name) {
+  check_dim(t, name, 1);
+  if (t.scalar_type() != at::kInt) {
+    throw pybind11::type_error(c10::str(name, " has dtype ", t.scalar_type(),
+                                        ", expected Int (int32); the Python API converts it"));
+  }
+  if (!t.is_contiguous()) {
+    throw pybind11::value_error(c10::str(
+        name, " must be contiguous (shape ", shape_str(t), ", strides ", t.strides(),
+        "): a strided or expanded integer view; pass .contiguous() (the Python API does)"));
   }
 }
 
@@ -108,12 +133,8 @@ inline void check_offsets_values(const at::Tensor& offsets, int64_t num_rows) {
 #define DRLORA_CHECK_SHAPE(t, layout, ...) \
   ::drlora::checks::check_shape(t, #t, {__VA_ARGS__}, layout)
 #define DRLORA_CHECK_DTYPE(t, ...) ::drlora::checks::check_dtype(t, #t, {__VA_ARGS__})
-#define DRLORA_CHECK_SAME_DTYPE(t, ref)                                                      \
-  do {                                                                                       \
-    if ((t).scalar_type() != (ref).scalar_type())                                            \
-      throw pybind11::type_error(c10::str(#t " has dtype ", (t).scalar_type(), " but " #ref \
-                                          " has ", (ref).scalar_type(), "; they must match")); \
-  } while (0)
+#define DRLORA_CHECK_SAME_DTYPE(t, ref) ::drlora::checks::check_same_dtype(t, #t, ref, #ref)
+#define DRLORA_CHECK_INDEX(t) ::drlora::checks::check_index_tensor(t, #t)
 #define DRLORA_CHECK_DEVICE(t, ref) ::drlora::checks::check_same_device(t, #t, ref, #ref)
 #define DRLORA_CHECK_CONTIGUOUS(t) ::drlora::checks::check_contiguous(t, #t)
 #define DRLORA_CHECK_RANKS(ranks, r_max) ::drlora::checks::check_ranks_range(ranks, r_max)

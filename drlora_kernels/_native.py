@@ -49,14 +49,20 @@ def _build_meta() -> dict[str, Any]:
 def build_info() -> dict[str, Any]:
     """What the native build produced and what is loaded now.
 
-    Keys: ``native_loaded``, ``native_with_cuda``, ``not_loaded_reason`` plus
-    the build-time record (``native_built``, ``with_cuda``, ``cuda_archs``,
-    compilers, ``torch_at_build``, ``git_sha``, ``build_mode``).
+    Keys: ``native_loaded``, ``native_with_cuda``, ``not_loaded_reason``,
+    ``auto_order`` (what ``backend="auto"`` tries, per device type: on CUDA the
+    Triton kernels first, the native CUDA kernels only after them) plus the
+    build-time record (``native_built``, ``with_cuda``, ``cuda_archs``,
+    compilers, ``torch_at_build``, ``git_sha``, ``build_mode``) and the loaded
+    extension's own record (``ext_*``, e.g. ``ext_primitives``).
     """
+    from .ops.backends import AUTO_ORDER
+
     info = _build_meta()
     info["native_loaded"] = HAS_NATIVE
     info["native_with_cuda"] = HAS_NATIVE_CUDA
     info["not_loaded_reason"] = NOT_LOADED_REASON
+    info["auto_order"] = {dev: " > ".join(order) for dev, order in AUTO_ORDER.items()}
     if _C is not None:
         info.update({f"ext_{k}": v for k, v in _C.build_info().items()})
     return info

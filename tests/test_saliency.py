@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from drlora_kernels.config import DRLoRAConfig
 from drlora_kernels.dynamic import DRLoRAController
-from drlora_kernels.ops import grouped_lora_backward, route_tokens
+from drlora_kernels.ops import route_tokens, slot_importance
 from drlora_kernels.pool import RankPool
 from drlora_kernels.saliency import SaliencyTracker, in_backward
 from tests.helpers import pool_lora
@@ -176,11 +176,12 @@ def test_inactive_slots_never_count():
 
 
 def test_fused_importance_equals_grad_path():
+    """update_statistics(fused_importance=...) with per-slot sums of the complete gradients
+    (``ops.slot_importance``, the one importance path) equals the ``.grad`` path."""
     pools = make_pools(ranks=RANKS)
     cfg = DRLoRAConfig(r_init=3, r_target=4, r_max=R, p_grow=0.5)
     a, b = DRLoRAController(pools, cfg, 1000), DRLoRAController(pools, cfg, 1000)
     gen = torch.Generator().manual_seed(3)
-    fused = []
     loss = 0.0
     for l, layer in enumerate(pools):
         idx, w = random_routing(13, gen)
@@ -188,17 +189,17 @@ def test_fused_importance_equals_grad_path():
         b.record_routing(l, idx, w)
         rt = route_tokens(idx, w, E)
         x = torch.randn(13, K, generator=gen)[rt.token_index]
-        pairs = []
         for pool in layer:
             gy = torch.randn(x.shape[0], N, generator=gen)
-            y = pool_lora(pool, x, rt.offsets)
-            loss = loss + (y * gy).sum()
-            out = grouped_lora_backward(
-                gy, x, pool.lora_A, pool.lora_B, pool.ranks, rt.offsets, pool.scaling
-            )
-            pairs.append((out["imp_a"], out["imp_b"]))
-        fused.append(pairs)
+            loss = loss + (pool_lora(pool, x, rt.offsets) * gy).sum()
     loss.backward()
+    fused = [
+        [
+            slot_importance(p.lora_A.detach(), p.lora_A.grad, p.lora_B.detach(), p.lora_B.grad, p.ranks)
+            for p in layer
+        ]
+        for layer in pools
+    ]  # fmt: skip
     a.update_statistics()
     b.update_statistics(fused_importance=fused)
     torch.testing.assert_close(

@@ -1,4 +1,6 @@
-// Grouped variable-rank LoRA on the CPU: shrink, expand, fused forward, backward.
+// Grouped variable-rank LoRA on the CPU: the three primitives of the backend
+// contract (shrink, base_expand, weight_grad), the fused backward behind the same
+// contract, and the per-slot importance sums.
 //
 // Algorithm: every product is a BLAS GEMM on views (narrow / transpose, no
 // copies) of one expert's rows and of its ACTIVE slots only (a[e, :r_e],
@@ -7,12 +9,13 @@
 // uninitialised memory never leaks in). Work is cut into tasks handed out
 // dynamically (an atomic counter inside one at::parallel_for region), so ragged
 // and zipf group sizes still balance over the threads:
-//   * forward / shrink / expand: row tasks (expert, block of rows);
-//   * backward, balanced routing: one task per expert walking its rows in
-//     blocks, doing gb = s g b_r, dx, and the da / db / dw partial sums while the
-//     block is hot in cache (accumulated in place, beta = 1 after the first block);
-//   * backward, a hot expert: row tasks for gb / dx, then column tasks (expert,
-//     block of output columns) for da / db / dw: one task owns its output tile.
+//   * shrink / base_expand: row tasks (expert, block of rows);
+//   * weight_grad and the fused backward, balanced routing: one task per expert
+//     walking its rows in blocks, doing every GEMM that reads the block while it is
+//     hot in cache (the fused backward: gb = s g b_r, dx, and the da / db / dw partial
+//     sums, accumulated in place, beta = 1 after the first block);
+//   * a hot expert: row tasks for gb / dx (fused backward only), then column tasks
+//     (expert, block of output columns) for da / db / dw: one task owns its output tile.
 // Each GEMM runs single-threaded inside the parallel region (nested BLAS
 // threading is off); one region per op keeps barriers to a minimum, which
 // matters on a shared machine. Accumulation is fp32 (fp64 for fp64 inputs).
@@ -87,6 +90,13 @@ Groups read_groups(const at::Tensor& ranks, const at::Tensor& offsets,
   }
   return g;
 }
+
+const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
+// Scale of expert e (1 when the primitive was called without a scale).
+double scale_of(const Groups& g, int64_t e) { return g.scale.empty() ? 1.0 : g.scale[e]; }
 
 struct RowTask {
   int64_t e, lo, n;
@@ -169,16 +179,17 @@ void zero_tail_cols(const at::Tensor& t, int64_t lo, int64_t n, int64_t r) {
   if (r < R && n > 0) t.narrow(0, lo, n).narrow(1, r, R - r).zero_();
 }
 
-// u[rows, :r] = x[rows] @ a[e, :r]^T; u[rows, r:] = 0.
-// The product is computed as u^T = a x^T ([r, rows]) and transposed into place: a
+// u[rows, :r] = s * x[rows] @ a[e, :r]^T; u[rows, r:] = 0.
+// The product is computed as u^T = s a x^T ([r, rows]) and transposed into place: a
 // BLAS kernel vectorises the output's columns, and a ragged rank r (35, 62, ...)
 // as that dimension leaves vector lanes idle; the rows are a multiple of the
 // vector width almost everywhere. Measured on the benchmark's ragged ranks: the
 // shrink ~15% faster, transposed copy included; equal at r = 48.
 void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& u, const RowTask& t,
-                 int64_t r) {
+                 int64_t r, double s) {
   if (r > 0) {
-    auto ut = at::mm(a_active(a, t.e, r), x.narrow(0, t.lo, t.n).t());  // [r, n]
+    auto ut = at::empty({r, t.n}, u.options());
+    at::addmm_out(ut, ut, a_active(a, t.e, r), x.narrow(0, t.lo, t.n).t(), /*beta=*/0.0, s);
     transpose_into(u.narrow(0, t.lo, t.n), ut);  // zeroes the columns >= r too
   } else {
     zero_tail_cols(u, t.lo, t.n, r);
@@ -286,17 +297,28 @@ at::Tensor cast_to(const at::Tensor& t, at::ScalarType dtype) {
 }
 
 
-// Everything the backward reads and writes, in the accumulation dtype.
-// Undefined tensors are outputs that were not requested (or an absent w).
-// g / x / a / b / u are fp32 (fp64) for the LoRA products; g_in / x_in / w are
-// the inputs' own dtype for the base GEMMs (dx = g w, dw = g^T x), whose
-// outputs dx / dw are allocated in that dtype too.
+// Everything the weight gradients (and the fused backward) read and write.
+// Undefined tensors are outputs that were not requested (or an absent w / gb).
+// g / x / a / b / u / gb are fp32 (fp64) for the LoRA products; g_in / x_in / w are
+// the inputs' own dtype for the base GEMMs (dx = g w, dw = g^T x), whose outputs
+// dx / dw are allocated in that dtype too. Two modes share the schedules below:
+//   * weight_grad: gb [T, R] is given (computed by the shrink primitive), a / b / dx
+//     are undefined;
+//   * the fused backward: gb is undefined and computed block by block from b.
 struct BackwardBufs {
   at::Tensor g, x;
   at::Tensor g_in, x_in;
   std::optional<at::Tensor> w;
-  at::Tensor a, b, u;
+  at::Tensor a, b, u, gb;
   at::Tensor dx, dw, da, db;
+  int64_t R = 0;
+
+  bool want_gb() const { return dx.defined() || da.defined(); }
+  bool have_gb() const { return gb.defined(); }
+  // [r, n] view of gb^T for rows [lo, lo + n) (only in weight_grad mode).
+  at::Tensor gb_t(int64_t lo, int64_t n, int64_t r) const {
+    return gb.narrow(0, lo, n).narrow(1, 0, r).t();
+  }
 };
 
 // dx[rows] = g[rows] @ w[e] (base GEMM, input dtype) + gb[rows, :r] @ a[e, :r] (fp32).
@@ -331,26 +353,25 @@ bool expert_tasks_balance(const Groups& g) {
 // with_db = false leaves db to the caller (the transpose that writes db's active
 // slots zeroes the rest in the same pass).
 void zero_inactive_grads(const BackwardBufs& t, int64_t e, int64_t r, bool with_db = true) {
-  const int64_t R = t.a.size(1);
+  const int64_t R = t.R;
   if (r == R) return;
   if (t.da.defined()) t.da[e].narrow(0, r, R - r).zero_();
   if (with_db && t.db.defined()) t.db[e].narrow(1, r, R - r).zero_();
 }
 
 // One task per expert: walk its rows in cache-sized blocks and do every GEMM
-// that reads the block while it is hot (gb, dx, and the da / db / dw partial
-// sums, accumulated in place with beta = 1 after the first block).
+// that reads the block while it is hot (gb and dx in the fused backward, and the
+// da / db / dw partial sums, accumulated in place with beta = 1 after the first block).
 void backward_by_expert(const BackwardBufs& t, const Groups& g) {
-  constexpr int64_t kBlock = 384;
   std::vector<int64_t> order(static_cast<size_t>(g.E));
   for (int64_t e = 0; e < g.E; ++e) order[e] = e;
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return g.rows(a) > g.rows(b); });
-  const bool want_gb = t.dx.defined() || t.da.defined();
+  const int64_t N = t.g.size(1);
   run_tasks(g.E, [&](int64_t i) {
     const int64_t e = order[i];
     const int64_t r = g.rank[e], n = g.rows(e);
-    const double s = g.scale[e];
+    const double s = scale_of(g, e);
     zero_inactive_grads(t, e, r, /*with_db=*/!(r > 0 && n > 0));
     at::Tensor da_e = t.da.defined() && r > 0 ? t.da[e].narrow(0, 0, r) : at::Tensor();
     at::Tensor db_e = t.db.defined() && r > 0 ? t.db[e].narrow(1, 0, r) : at::Tensor();
@@ -361,28 +382,29 @@ void backward_by_expert(const BackwardBufs& t, const Groups& g) {
       if (dw_e.defined()) dw_e.zero_();
       return;
     }
-    const auto b_r = r > 0 ? b_active(t.b, e, r) : at::Tensor();
-    const int64_t block = even_block(n, kBlock);
+    const bool compute_gb = r > 0 && t.want_gb() && !t.have_gb();
+    const auto b_r = compute_gb ? b_active(t.b, e, r) : at::Tensor();
+    const int64_t block = even_block(n, kRowBlock);
     // gb^T = s b^T g^T ([r, rows]): the rank is not the vectorised output dimension
     // (see shrink_rows); dx and da read it through a transposed view.
-    at::Tensor gbt = (r > 0 && want_gb) ? at::empty({r, block}, t.g.options())
-                                        : at::Tensor();
+    at::Tensor gbt = compute_gb ? at::empty({r, block}, t.g.options()) : at::Tensor();
     // db_e^T = s * u^T g is computed as an [r, N] row-major product and transposed
     // into db at the end: BLAS runs this orientation ~20% faster than g^T u
     // with its strided [N, r] output (measured on the benchmark shapes).
-    at::Tensor dbt = db_e.defined() ? at::empty({r, t.b.size(1)}, t.g.options()) : at::Tensor();
+    at::Tensor dbt = db_e.defined() ? at::empty({r, N}, t.g.options()) : at::Tensor();
     for (int64_t lo = g.off[e]; lo < g.off[e + 1]; lo += block) {
       const int64_t m = std::min(block, g.off[e + 1] - lo);
       const double beta = lo == g.off[e] ? 0.0 : 1.0;  // first block overwrites
       auto gm = t.g.narrow(0, lo, m);
       auto xm = t.x.narrow(0, lo, m);
-      at::Tensor gbm, gbtm;  // [m, r] view of gb^T; gb^T [r, m]
-      if (gbt.defined()) {
+      at::Tensor gbtm;  // gb^T [r, m]
+      if (compute_gb) {
         gbtm = gbt.narrow(1, 0, m);
         at::addmm_out(gbtm, gbtm, b_r.t(), gm.t(), /*beta=*/0.0, /*alpha=*/s);
-        gbm = gbtm.t();
+      } else if (r > 0 && t.have_gb() && da_e.defined()) {
+        gbtm = t.gb_t(lo, m, r);
       }
-      if (t.dx.defined()) dx_rows(t, e, lo, m, gbm, r);
+      if (t.dx.defined()) dx_rows(t, e, lo, m, gbtm.defined() ? gbtm.t() : gbtm, r);
       if (da_e.defined()) da_e.addmm_(gbtm, xm, beta);
       if (dbt.defined()) dbt.addmm_(t.u.narrow(0, lo, m).narrow(1, 0, r).t(), gm, beta, s);
       if (dw_e.defined()) dw_e.addmm_(t.g_in.narrow(0, lo, m).t(), t.x_in.narrow(0, lo, m), beta);
@@ -391,14 +413,15 @@ void backward_by_expert(const BackwardBufs& t, const Groups& g) {
   });
 }
 
-// Two phases for skewed routing. Phase 1, row tasks: gb = s * g @ b[e, :, :r] and dx.
-// Phase 2, column tasks: the reductions over an expert's rows (da, db, dw), one
-// task per (expert, block of output columns): many tasks even for one hot expert.
+// Two phases for skewed routing. Phase 1 (fused backward only), row tasks:
+// gb = s * g @ b[e, :, :r] and dx. Phase 2, column tasks: the reductions over an
+// expert's rows (da, db, dw), one task per (expert, block of output columns): many
+// tasks even for one hot expert.
 void backward_two_phase(const BackwardBufs& t, const Groups& g) {
-  const int64_t T = t.x.size(0), R = t.a.size(1), K = t.a.size(2), N = t.b.size(1);
-  const bool want_gb = t.dx.defined() || t.da.defined();
-  auto gbt = want_gb ? at::empty({R, T}, t.g.options()) : at::Tensor();  // gb^T, see above
-  if (want_gb) {
+  const int64_t T = t.x.size(0), R = t.R, K = t.x.size(1), N = t.g.size(1);
+  const bool compute_gb = t.want_gb() && !t.have_gb();
+  auto gbt = compute_gb ? at::empty({R, T}, t.g.options()) : at::Tensor();  // gb^T, see above
+  if (compute_gb) {
     const auto tasks = row_tasks(g);
     run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
       const auto& k = tasks[i];
@@ -408,7 +431,7 @@ void backward_two_phase(const BackwardBufs& t, const Groups& g) {
       if (r > 0) {
         auto gbtm = gbt.narrow(0, 0, r).narrow(1, k.lo, k.n);
         at::addmm_out(gbtm, gbtm, b_active(t.b, k.e, r).t(), gm.t(), /*beta=*/0.0,
-                      g.scale[k.e]);
+                      scale_of(g, k.e));
         gbm = gbtm.t();
       }
       if (t.dx.defined()) dx_rows(t, k.e, k.lo, k.n, gbm, r);
@@ -452,62 +475,114 @@ void backward_two_phase(const BackwardBufs& t, const Groups& g) {
     if (k.kind == kDw) {
       at::mm_out(out, t.g_in.narrow(0, lo, n).narrow(1, k.lo, k.n).t(), t.x_in.narrow(0, lo, n));
     } else if (k.kind == kDa) {
-      at::mm_out(out, gbt.narrow(0, 0, r).narrow(1, lo, n), xm.narrow(1, k.lo, k.n));
+      auto gbt_rows = t.have_gb() ? t.gb_t(lo, n, r) : gbt.narrow(0, 0, r).narrow(1, lo, n);
+      at::mm_out(out, gbt_rows, xm.narrow(1, k.lo, k.n));
     } else {
       at::addmm_out(out, out, gm.narrow(1, k.lo, k.n).t(), t.u.narrow(0, lo, n).narrow(1, 0, r),
-                    /*beta=*/0.0, /*alpha=*/g.scale[k.e]);
+                    /*beta=*/0.0, /*alpha=*/scale_of(g, k.e));
     }
   });
+}
+
+void run_backward(const BackwardBufs& bufs, const Groups& g) {
+  if (expert_tasks_balance(g)) {
+    backward_by_expert(bufs, g);
+  } else {
+    backward_two_phase(bufs, g);
+  }
+}
+
+// da / db are accumulated in the accumulation dtype and cast at the end; dw is written
+// in the inputs' dtype by its base GEMMs. Undefined (not requested) -> an empty [0] tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_weight_grads(const BackwardBufs& b,
+                                                                    at::ScalarType dtype,
+                                                                    const at::Tensor& like) {
+  auto out = [&](const at::Tensor& t) { return t.defined() ? cast_to(t, dtype) : like.new_empty({0}); };
+  return {out(b.da), out(b.db), out(b.dw)};
 }
 }  // namespace
 
 at::Tensor shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& ranks,
-                  const at::Tensor& offsets) {
-  const Groups g = read_groups(ranks, offsets);
+                  const at::Tensor& offsets, const std::optional<at::Tensor>& scale) {
+  const Groups g = read_groups(ranks, offsets, opt_ptr(scale));
   const auto xa = to_acc(x);
   const auto aa = to_acc(lora_a);
   auto u = at::empty({x.size(0), lora_a.size(1)}, xa.options());
   const auto tasks = row_tasks(g);
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const auto& t = tasks[i];
-    shrink_rows(xa, aa, u, t, g.rank[t.e]);
+    shrink_rows(xa, aa, u, t, g.rank[t.e], scale_of(g, t.e));
   });
   return u;
 }
 
-at::Tensor expand(const at::Tensor& u, const at::Tensor& lora_b, const at::Tensor& ranks,
-                  const at::Tensor& offsets, const at::Tensor& scale) {
+at::Tensor base_expand(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& w,
+                       const at::Tensor& u, const at::Tensor& lora_b, const at::Tensor& ranks,
+                       const at::Tensor& offsets, const at::Tensor& scale) {
   const Groups g = read_groups(ranks, offsets, &scale);
   const auto ba = to_acc(lora_b);
   const auto ua = cast_to(u, ba.scalar_type());
   auto y = at::empty({u.size(0), lora_b.size(1)}, lora_b.options());
+  const std::optional<at::Tensor> xb = w.has_value() ? x : std::nullopt;
   const auto tasks = row_tasks(g);
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const auto& t = tasks[i];
-    expand_rows(ua, ba, std::nullopt, std::nullopt, y, t, g.rank[t.e], g.scale[t.e]);
+    expand_rows(ua, ba, xb, w, y, t, g.rank[t.e], g.scale[t.e]);
   });
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
-                                           const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                           const at::Tensor& ranks, const at::Tensor& offsets,
-                                           const at::Tensor& scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u, const at::Tensor& gb,
+    const at::Tensor& ranks, const at::Tensor& offsets, const at::Tensor& scale, bool need_a,
+    bool need_b, bool need_w) {
   const Groups g = read_groups(ranks, offsets, &scale);
-  const auto xa = to_acc(x);
-  const auto aa = to_acc(lora_a);
-  const auto ba = to_acc(lora_b);
-  auto u = at::empty({x.size(0), lora_a.size(1)}, xa.options());
-  auto y = at::empty({x.size(0), lora_b.size(1)}, x.options());
-  const std::optional<at::Tensor> xb = w.has_value() ? std::optional<at::Tensor>(x) : std::nullopt;
-  const auto tasks = row_tasks(g);
-  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
-    const auto& t = tasks[i];
-    const int64_t r = g.rank[t.e];
-    shrink_rows(xa, aa, u, t, r);
-    expand_rows(u, ba, xb, w, y, t, r, g.scale[t.e]);
-  });
-  return {y, u};
+  const int64_t E = ranks.size(0), R = u.size(1), K = x.size(1), N = grad_y.size(1);
+  BackwardBufs b;
+  b.g = to_acc(grad_y);
+  b.x = to_acc(x);
+  b.g_in = grad_y;
+  b.x_in = x;
+  b.u = cast_to(u, b.x.scalar_type());
+  b.R = R;
+  const auto opts = b.x.options();
+  if (need_a) {
+    b.gb = cast_to(gb, b.x.scalar_type());
+    b.da = at::empty({E, R, K}, opts);
+  }
+  if (need_b) b.db = at::empty({E, N, R}, opts);
+  if (need_w) b.dw = at::empty({E, N, K}, x.options());
+  run_backward(b, g);
+  return finish_weight_grads(b, x.scalar_type(), x);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& w,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
+    const at::Tensor& ranks, const at::Tensor& offsets, const at::Tensor& scale, bool need_x,
+    bool need_a, bool need_b, bool need_w) {
+  const Groups g = read_groups(ranks, offsets, &scale);
+  const int64_t E = lora_a.size(0), R = lora_a.size(1), K = lora_a.size(2);
+  const int64_t N = lora_b.size(1), T = x.size(0);
+  need_w = need_w && w.has_value();
+  BackwardBufs b;
+  b.g = to_acc(grad_y);
+  b.x = to_acc(x);
+  b.g_in = grad_y;
+  b.x_in = x;
+  b.w = w;
+  b.a = to_acc(lora_a);
+  b.b = to_acc(lora_b);
+  b.u = cast_to(u, b.x.scalar_type());
+  b.R = R;
+  const auto opts = b.x.options();
+  if (need_a) b.da = at::empty({E, R, K}, opts);
+  if (need_b) b.db = at::empty({E, N, R}, opts);
+  if (need_w) b.dw = at::empty({E, N, K}, w->options());
+  if (need_x) b.dx = at::empty({T, K}, x.options());
+  run_backward(b, g);
+  auto [da, db, dw] = finish_weight_grads(b, x.scalar_type(), x);
+  return {need_x ? b.dx : x.new_empty({0}), da, db, dw};
 }
 
 std::tuple<at::Tensor, at::Tensor> slot_importance(const at::Tensor& lora_a,
@@ -520,52 +595,6 @@ std::tuple<at::Tensor, at::Tensor> slot_importance(const at::Tensor& lora_a,
   const auto gb = cast_to(grad_b, ga.scalar_type());
   return {slot_importance(cast_to(lora_a, ga.scalar_type()), ga, g, /*rows_layout=*/true),
           slot_importance(cast_to(lora_b, ga.scalar_type()), gb, g, /*rows_layout=*/false)};
-}
-
-BackwardOut backward(const at::Tensor& grad_y, const at::Tensor& x,
-                     const std::optional<at::Tensor>& w, const at::Tensor& lora_a,
-                     const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& ranks,
-                     const at::Tensor& offsets, const at::Tensor& scale, bool need_x, bool need_w,
-                     bool need_a, bool need_b, bool with_importance) {
-  const Groups g = read_groups(ranks, offsets, &scale);
-  const int64_t E = lora_a.size(0), R = lora_a.size(1), K = lora_a.size(2);
-  const int64_t N = lora_b.size(1), T = x.size(0);
-  need_w = need_w && w.has_value();
-  const bool want_a = need_a || with_importance;
-  const bool want_b = need_b || with_importance;
-
-  const auto ga = to_acc(grad_y);
-  const auto xa = to_acc(x);
-  const auto aa = to_acc(lora_a);
-  const auto ba = to_acc(lora_b);
-  const auto ua = cast_to(u, xa.scalar_type());
-  const auto opts = xa.options();
-
-  // da / db stay fp32 until the end (the importance sums read them); dx / dw are
-  // written in the inputs' dtype by their base GEMMs.
-  auto da = want_a ? at::empty({E, R, K}, opts) : at::Tensor();
-  auto db = want_b ? at::empty({E, N, R}, opts) : at::Tensor();
-  auto dw = need_w ? at::empty({E, N, K}, w->options()) : at::Tensor();
-  auto dx = need_x ? at::empty({T, K}, x.options()) : at::Tensor();
-  const BackwardBufs bufs{ga, xa, grad_y, x, w, aa, ba, ua, dx, dw, da, db};
-  if (expert_tasks_balance(g)) {
-    backward_by_expert(bufs, g);
-  } else {
-    backward_two_phase(bufs, g);
-  }
-
-  auto empty = [&] { return x.new_empty({0}); };
-  at::Tensor imp_a = empty(), imp_b = empty();
-  if (with_importance) {
-    imp_a = slot_importance(aa, da, g, /*rows_layout=*/true);
-    imp_b = slot_importance(ba, db, g, /*rows_layout=*/false);
-  }
-  return {need_x ? dx : empty(),
-          need_w ? dw : empty(),
-          need_a ? cast_to(da, lora_a.scalar_type()) : empty(),
-          need_b ? cast_to(db, lora_b.scalar_type()) : empty(),
-          imp_a,
-          imp_b};
 }
 
 }  // namespace drlora::cpu

@@ -14,7 +14,12 @@ read (they may hold anything, NaN included) and receive exactly zero gradient.
 Accumulation is fp32 (fp64 for fp64 inputs); outputs are in the input dtype.
 
 Every op takes ``backend=`` (``"auto"``, ``"reference"``, ``"triton"``,
-``"native"``); see :func:`drlora_kernels.ops.registry.resolve_backend`.
+``"native"``); see :func:`drlora_kernels.ops.backends.resolve_backend`. Inputs are
+validated here, once, for every backend (:mod:`~drlora_kernels.ops._validate`):
+``ranks``/``offsets`` may be int32 or int64, strided or expanded views (they are
+converted to contiguous int32); their values are checked without a host sync on
+accelerators (:mod:`~drlora_kernels.ops._sync`). Autograd is composed from the
+backend's three primitives in :mod:`~drlora_kernels.ops.registry`.
 """
 
 from __future__ import annotations
@@ -23,29 +28,32 @@ import torch
 
 from .. import _native as _native_mod
 from . import _validate
-from .registry import (
+from .backends import (
     BACKENDS,
+    Backend,
     BackendUnavailableError,
     available_backends,
     backend_module,
+    describe_backend,
     get_backend,
-    get_ops,
     resolve_backend,
     set_backend,
 )
+from .registry import GroupedLoRAFunction, define_available_ops, get_ops
 from .routing import TokenRouting, gather_tokens, route_tokens, scatter_tokens
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "BackendUnavailableError",
     "TokenRouting",
     "available_backends",
     "backend_module",
+    "describe_backend",
     "gather_tokens",
     "get_backend",
     "get_ops",
     "grouped_lora",
-    "grouped_lora_backward",
     "grouped_lora_base",
     "lora_expand",
     "lora_shrink",
@@ -76,16 +84,20 @@ def grouped_lora(
         x: `[T, K]` expert-sorted token rows, fp32/fp16/bf16/fp64.
         lora_a: `[E, R, K]` LoRA A slots (PEFT's ``lora_A`` layout per expert), same dtype as ``x``.
         lora_b: `[E, N, R]` LoRA B slots (PEFT's ``lora_B`` layout per expert), same dtype as ``x``.
-        ranks: `[E]` int32/int64 active ranks, ``0 <= ranks[e] <= R``.
+        ranks: `[E]` int32/int64 active ranks, ``0 <= ranks[e] <= R`` (any strides).
         offsets: `[E+1]` int32/int64 group boundaries, ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == T``.
-        scale: a float or an `[E]` tensor of per-expert scales (SPEC: ``alpha / r_target``).
+        scale: a finite float or an `[E]` (or 0-d) tensor of per-expert scales (SPEC:
+            ``alpha / r_target``); a constant: a tensor that requires grad is refused.
         backend: ``None`` (configured default), ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``.
 
     Returns:
         `[T, N]` in ``x``'s dtype.
 
     Raises:
-        ValueError / TypeError: naming the bad argument (shape, dtype, device, rank range, offsets).
+        ValueError / TypeError: naming the bad argument (shape, dtype, device, rank range,
+            offsets, non-finite scale, a scale that requires grad). Value checks run on the
+            host for CPU tensors (or with ``DRLORA_CHECK=1``); on accelerators and in compiled
+            graphs they are device-side asserts (``RuntimeError`` / a CUDA device assert).
         BackendUnavailableError: an explicitly requested backend is not available.
 
     Example:
@@ -118,14 +130,13 @@ def grouped_lora_base(
 
 
 def _lora_forward(x, w, lora_a, lora_b, ranks, offsets, scale, backend):
-    _validate.check_lora_inputs(x, lora_a, lora_b, ranks, offsets, w=w)
+    ranks, offsets = _validate.check_lora_inputs(x, lora_a, lora_b, ranks, offsets, w=w)
     scale_t = _validate.as_scale(scale, lora_a.shape[0], x.device)
     name = resolve_backend(backend, x.device)
-    y, _ = get_ops(name)["forward"](
-        x.contiguous(), None if w is None else w.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
-        ranks, offsets, scale_t,
+    return GroupedLoRAFunction.apply(
+        x.contiguous(), None if w is None else w.contiguous(), lora_a.contiguous(),
+        lora_b.contiguous(), ranks, offsets, scale_t, name,
     )  # fmt: skip
-    return y
 
 
 def lora_shrink(
@@ -134,9 +145,14 @@ def lora_shrink(
     ranks: torch.Tensor,
     offsets: torch.Tensor,
     *,
+    scale: float | torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Shrink ``U_e = X_e A_e[:r_e]^T`` (forward only; an inference primitive).
+    """Shrink ``U_e = scale_e X_e A_e[:r_e]^T`` (forward only; an inference primitive).
+
+    Args:
+        x: `[T, K]`; lora_a: `[E, R, K]`; ranks, offsets: as in :func:`grouped_lora`.
+        scale: ``None`` (1) or as in :func:`grouped_lora`.
 
     Returns:
         `[T, R]` fp32 (fp64 for fp64 ``x``); columns ``>= ranks[e]`` of group ``e`` are zero.
@@ -151,10 +167,14 @@ def lora_shrink(
     if lora_a.dtype != x.dtype:
         raise TypeError(f"x and lora_a must share a dtype, got {x.dtype} and {lora_a.dtype}")
     _validate.check_same_device(x=x, lora_a=lora_a, ranks=ranks, offsets=offsets)
-    _validate.check_ranks(ranks, lora_a.shape[0], lora_a.shape[1])
-    _validate.check_offsets(offsets, lora_a.shape[0], x.shape[0])
-    name = resolve_backend(backend, x.device)
-    return get_ops(name)["shrink"](x.contiguous(), lora_a.contiguous(), ranks, offsets)
+    E = lora_a.shape[0]
+    ranks = _validate.check_ranks(ranks, E, lora_a.shape[1])
+    offsets = _validate.check_offsets(offsets, E, x.shape[0])
+    scale_t = None if scale is None else _validate.as_scale(scale, E, x.device)
+    ops = get_ops(resolve_backend(backend, x.device))
+    return ops.shrink(
+        x=x.contiguous(), lora_a=lora_a.contiguous(), ranks=ranks, offsets=offsets, scale=scale_t
+    )
 
 
 def lora_expand(
@@ -182,57 +202,15 @@ def lora_expand(
             f"lora_b must have shape [E, N, R={u.shape[1]}] to match u [T, R], got {tuple(lora_b.shape)}"
         )
     _validate.check_same_device(u=u, lora_b=lora_b, ranks=ranks, offsets=offsets)
-    _validate.check_ranks(ranks, lora_b.shape[0], lora_b.shape[2])
-    _validate.check_offsets(offsets, lora_b.shape[0], u.shape[0])
-    scale_t = _validate.as_scale(scale, lora_b.shape[0], u.device)
-    name = resolve_backend(backend, u.device)
-    return get_ops(name)["expand"](u.contiguous(), lora_b.contiguous(), ranks, offsets, scale_t)
-
-
-def grouped_lora_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    ranks: torch.Tensor,
-    offsets: torch.Tensor,
-    scale: float | torch.Tensor,
-    *,
-    w: torch.Tensor | None = None,
-    with_importance: bool = True,
-    backend: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Explicit (non-autograd) backward with the fused per-slot importance sums.
-
-    Recomputes the shrink, then returns ``{"dx", "da", "db", "imp_a", "imp_b"}``
-    (plus ``"dw"`` when ``w`` is given) where ``imp_a[e, j] = sum_k |A*dA|`` and
-    ``imp_b[e, j] = sum_n |B*dB|`` (SPEC Eq. 6), fp32 `[E, R]`, zero for inactive slots.
-    """
-    _validate.check_lora_inputs(x, lora_a, lora_b, ranks, offsets, w=w)
-    _validate.check_tensor("grad_y", grad_y, ndim=2)
-    if grad_y.shape != (x.shape[0], lora_b.shape[1]):
-        raise ValueError(
-            f"grad_y must have shape [{x.shape[0]}, {lora_b.shape[1]}], got {tuple(grad_y.shape)}"
-        )
-    scale_t = _validate.as_scale(scale, lora_a.shape[0], x.device)
-    ops = get_ops(resolve_backend(backend, x.device))
-    args = (
-        x.contiguous(),
-        None if w is None else w.contiguous(),
-        lora_a.contiguous(),
-        lora_b.contiguous(),
-    )
-    _, u = ops["forward"](*args, ranks, offsets, scale_t)
-    dx, dw, da, db, imp_a, imp_b = ops["backward"](
-        grad_y.contiguous(), args[0], args[1], args[2], args[3], u, ranks, offsets, scale_t,
-        True, w is not None, True, True, with_importance,
+    E = lora_b.shape[0]
+    ranks = _validate.check_ranks(ranks, E, lora_b.shape[2])
+    offsets = _validate.check_offsets(offsets, E, u.shape[0])
+    scale_t = _validate.as_scale(scale, E, u.device)
+    ops = get_ops(resolve_backend(backend, u.device))
+    return ops.base_expand(
+        x=None, w=None, u=u.contiguous(), lora_b=lora_b.contiguous(), ranks=ranks,
+        offsets=offsets, scale=scale_t,
     )  # fmt: skip
-    out = {"dx": dx, "da": da, "db": db}
-    if w is not None:
-        out["dw"] = dw
-    if with_importance:
-        out["imp_a"], out["imp_b"] = imp_a, imp_b
-    return out
 
 
 def slot_importance(
@@ -244,12 +222,17 @@ def slot_importance(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot importance sums from accumulated gradients: ``(sum_k |A*dA|, sum_n |B*dB|)``, fp32 `[E, R]`.
 
-    Slots ``>= ranks[e]`` are exactly zero and never read. On the CPU the native
-    extension (when loaded) computes it reading the active slots only; elsewhere,
-    under ``torch.compile`` or with inputs that need a graph, the reference does.
+    This is the package's one importance path (SPEC Eq. 6): it reads the complete
+    gradient of the step (``.grad`` after all micro-batches, or an engine's equivalent),
+    so it is right under gradient accumulation, and per-shard ``[E, R]`` partial sums
+    of a sharded gradient add up exactly to the sums of the whole. Slots
+    ``>= ranks[e]`` are exactly zero and never read. On the CPU the native extension
+    (when loaded) computes it reading the active slots only; elsewhere, under
+    ``torch.compile`` or with inputs that need a graph, the reference does.
     """
     from .reference import slot_importance as _ref
 
+    ranks = _validate.as_index("ranks", ranks, lora_a.shape[0], "one per expert")
     if _native_importance_applies(lora_a, grad_a, lora_b, grad_b, ranks):
         return _native_mod._C.slot_importance(lora_a, grad_a, lora_b, grad_b, ranks)
     return _ref(lora_a, grad_a, lora_b, grad_b, ranks)
@@ -263,11 +246,4 @@ def _native_importance_applies(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
-def _define_available_ops() -> None:
-    # Define the custom ops of every available backend now, not lazily inside a traced region.
-    for name, (ok, _) in available_backends().items():
-        if ok:
-            get_ops(name)
-
-
-_define_available_ops()
+define_available_ops()

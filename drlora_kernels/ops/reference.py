@@ -2,19 +2,25 @@
 
 Written for obviousness, not speed: a Python loop over experts, slicing the
 expert's token rows ``offsets[e]:offsets[e+1]`` and its active slots
-``lora_a[e, :r_e]`` / ``lora_b[e, :, :r_e]``. Every other backend exposes the
-same functions with the same signatures and is tested against this module.
-It imports nothing from the other backends.
+``lora_a[e, :r_e]`` / ``lora_b[e, :, :r_e]``. It implements the three primitives of
+the backend contract (``shrink``, ``base_expand``, ``weight_grad``; semantics in
+:mod:`drlora_kernels.ops.registry`) with the signatures every backend has, plus an
+``upcast`` option: ``upcast=False`` computes in the input dtype throughout (the
+low-precision oracle of the tolerance rule in ``tests/helpers.py``). Every other
+backend is tested against this module; it imports nothing from them.
 
 Conventions shared by all backends (see ``ops/__init__.py`` for the public API):
 
 * ``x [T, K]`` rows sorted by expert; group ``e`` is ``x[offsets[e]:offsets[e+1]]``;
-* ``lora_a [E, R, K]``, ``lora_b [E, N, R]``, ``w [E, N, K]`` (transformers' ``[E, out, in]``);
-* ``ranks [E]`` and ``offsets [E+1]`` integer tensors; ``scale [E]`` fp32;
-* ``u [T, R]`` is the shrink result ``x_e @ a_e[:r_e].T`` in the accumulation dtype
-  (fp64 for fp64 inputs, else fp32), zero in columns ``>= r_e`` of group ``e``;
-  the forward returns it so the backward need not recompute it;
+* ``lora_a [E, R, K]``, ``lora_b [E, N, R]``, ``w [E, N, K]`` (transformers' ``[E, out, in]``),
+  any strides (the backward passes transposed views);
+* ``ranks [E]`` and ``offsets [E+1]`` int32 tensors; ``scale [E]`` fp32;
+* ``u [T, R]`` (and ``gb``) in the accumulation dtype (fp64 for fp64 inputs, else fp32),
+  zero in columns ``>= r_e`` of group ``e``;
 * slots ``>= r_e`` are never read (they may hold NaN) and get exactly zero gradient.
+
+It reads ``ranks`` and ``offsets`` on the host (the loop needs them): unlike the
+Triton and native backends it is not free of host syncs on an accelerator.
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ def _groups(ranks: torch.Tensor, offsets: torch.Tensor):
         yield e, int(r), off[e], off[e + 1]
 
 
-def _cast(t: torch.Tensor, upcast: bool, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if upcast else t
+def _work_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    return acc_dtype(dtype) if upcast else dtype
 
 
 def shrink(
@@ -49,21 +55,27 @@ def shrink(
     lora_a: torch.Tensor,
     ranks: torch.Tensor,
     offsets: torch.Tensor,
+    scale: torch.Tensor | None = None,
     *,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """``u[rows_e, :r_e] = x[rows_e] @ lora_a[e, :r_e].T``; other columns zero. Returns ``[T, R]``."""
-    acc = acc_dtype(x.dtype)
-    T, R = x.shape[0], lora_a.shape[1]
-    u = torch.zeros(T, R, dtype=acc if upcast else x.dtype, device=x.device)
+    """``u[rows_e, :r_e] = scale[e] * x[rows_e] @ lora_a[e, :r_e].T``; other columns zero.
+
+    Returns ``[T, R]`` in the accumulation dtype (``x``'s dtype with ``upcast=False``).
+    """
+    dt = _work_dtype(x.dtype, upcast)
+    u = torch.zeros(x.shape[0], lora_a.shape[1], dtype=dt, device=x.device)
     for e, r, lo, hi in _groups(ranks, offsets):
         if r == 0 or hi == lo:
             continue
-        u[lo:hi, :r] = _cast(x[lo:hi], upcast, acc) @ _cast(lora_a[e, :r], upcast, acc).T
+        ue = x[lo:hi].to(dt) @ lora_a[e, :r].to(dt).T
+        u[lo:hi, :r] = ue if scale is None else ue * scale[e].to(dt)
     return u
 
 
-def expand(
+def base_expand(
+    x: torch.Tensor | None,
+    w: torch.Tensor | None,
     u: torch.Tensor,
     lora_b: torch.Tensor,
     ranks: torch.Tensor,
@@ -72,120 +84,65 @@ def expand(
     *,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """``y[rows_e] = scale[e] * u[rows_e, :r_e] @ lora_b[e, :, :r_e].T``. Returns ``[T, N]`` in ``lora_b``'s dtype."""
-    acc = acc_dtype(lora_b.dtype)
-    T, N = u.shape[0], lora_b.shape[1]
-    y = torch.zeros(T, N, dtype=acc if upcast else lora_b.dtype, device=u.device)
+    """``y[rows_e] = x[rows_e] @ w[e].T (if w) + scale[e] * u[rows_e, :r_e] @ lora_b[e, :, :r_e].T``.
+
+    Returns ``[T, N]`` in ``lora_b``'s dtype.
+    """
+    dt = _work_dtype(lora_b.dtype, upcast)
+    y = torch.zeros(u.shape[0], lora_b.shape[1], dtype=dt, device=u.device)
     for e, r, lo, hi in _groups(ranks, offsets):
-        if r == 0 or hi == lo:
+        if hi == lo:
             continue
-        y[lo:hi] = (
-            _cast(u[lo:hi, :r], upcast, acc) @ _cast(lora_b[e, :, :r], upcast, acc).T
-        ) * scale[e].to(y.dtype)
+        if w is not None:
+            y[lo:hi] = x[lo:hi].to(dt) @ w[e].to(dt).T
+        if r > 0:
+            y[lo:hi] += (u[lo:hi, :r].to(dt) @ lora_b[e, :, :r].to(dt).T) * scale[e].to(dt)
     return y.to(lora_b.dtype)
 
 
-def forward(
-    x: torch.Tensor,
-    w: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    ranks: torch.Tensor,
-    offsets: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    upcast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y_e = x_e @ w_e.T (if w) + scale_e * (x_e @ a_e[:r_e].T) @ b_e[:, :r_e].T``. Returns ``(y, u)``."""
-    acc = acc_dtype(x.dtype)
-    T, N = x.shape[0], lora_b.shape[1]
-    u = shrink(x, lora_a, ranks, offsets, upcast=upcast)
-    y = torch.zeros(T, N, dtype=acc if upcast else x.dtype, device=x.device)
-    for e, r, lo, hi in _groups(ranks, offsets):
-        if hi == lo:
-            continue
-        xe = _cast(x[lo:hi], upcast, acc)
-        if w is not None:
-            y[lo:hi] = xe @ _cast(w[e], upcast, acc).T
-        if r > 0:
-            y[lo:hi] += (u[lo:hi, :r].to(y.dtype) @ _cast(lora_b[e, :, :r], upcast, acc).T) * scale[
-                e
-            ].to(y.dtype)
-    return y.to(x.dtype), u.to(acc)
-
-
-def backward(
+def weight_grad(
     grad_y: torch.Tensor,
     x: torch.Tensor,
-    w: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
     u: torch.Tensor,
+    gb: torch.Tensor | None,
     ranks: torch.Tensor,
     offsets: torch.Tensor,
     scale: torch.Tensor,
-    need_x: bool,
-    need_w: bool,
     need_a: bool,
     need_b: bool,
-    with_importance: bool,
+    need_w: bool,
     *,
     upcast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`forward` for an incoming ``grad_y [T, N]``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(da, db, dw)`` in ``x``'s dtype; a gradient not asked for is an empty ``[0]`` tensor.
 
-    Returns ``(dx, dw, da, db, imp_a, imp_b)``. A gradient that was not asked
-    for is an empty tensor of shape ``[0]``. ``imp_a[e, j] = sum_k |a * da|``
-    and ``imp_b[e, j] = sum_n |b * db|`` (fp32 ``[E, R]``) when
-    ``with_importance`` (then ``da``/``db`` are computed even if not asked for).
-
-    Math per group (fp32 accumulation): ``g = grad_y_e``, ``gb = s_e * g @ b_e[:, :r_e]``,
-    ``dx_e = g @ w_e + gb @ a_e[:r_e]``, ``da_e[:r_e] = gb.T @ x_e``,
-    ``db_e[:, :r_e] = s_e * g.T @ u_e[:, :r_e]``, ``dw_e = g.T @ x_e``.
+    ``da[e, :r_e] = gb[rows_e, :r_e].T @ x[rows_e]`` (``gb = scale * grad_y @ lora_b``, read
+    only when ``need_a``), ``db[e, :, :r_e] = scale[e] * grad_y[rows_e].T @ u[rows_e, :r_e]``,
+    ``dw[e] = grad_y[rows_e].T @ x[rows_e]``; inactive slots exactly zero.
     """
-    acc = acc_dtype(x.dtype)
-    E, R, K = lora_a.shape
-    N = lora_b.shape[1]
+    dt = _work_dtype(x.dtype, upcast)
+    E, R, K, N = ranks.shape[0], u.shape[1], x.shape[1], grad_y.shape[1]
 
-    def empty():  # a fresh [0] tensor per unused output: custom-op outputs must not alias
-        return x.new_empty(0)
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=dt, device=x.device)
 
-    want_a = need_a or with_importance
-    want_b = need_b or with_importance
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
-    dw = torch.zeros(E, N, K, dtype=acc, device=x.device) if (need_w and w is not None) else None
-    da = torch.zeros(E, R, K, dtype=acc, device=x.device) if want_a else None
-    db = torch.zeros(E, N, R, dtype=acc, device=x.device) if want_b else None
+    da = zeros(E, R, K) if need_a else None
+    db = zeros(E, N, R) if need_b else None
+    dw = zeros(E, N, K) if need_w else None
     for e, r, lo, hi in _groups(ranks, offsets):
         if hi == lo:
             continue
-        g = _cast(grad_y[lo:hi], upcast, acc)
-        xe = _cast(x[lo:hi], upcast, acc)
+        g, xe = grad_y[lo:hi].to(dt), x[lo:hi].to(dt)
         if dw is not None:
             dw[e] = g.T @ xe
-        if dx is not None and w is not None:
-            dx[lo:hi] = g @ _cast(w[e], upcast, acc)
         if r == 0:
             continue
-        s = scale[e].to(acc if upcast else x.dtype)
-        gb = (g @ _cast(lora_b[e, :, :r], upcast, acc)) * s
-        if dx is not None:
-            dx[lo:hi] += gb @ _cast(lora_a[e, :r], upcast, acc)
         if da is not None:
-            da[e, :r] = gb.T @ xe
+            da[e, :r] = gb[lo:hi, :r].to(dt).T @ xe
         if db is not None:
-            db[e, :, :r] = (g.T @ _cast(u[lo:hi, :r], upcast, acc)) * s
-    imp_a, imp_b = empty(), empty()
-    if with_importance:
-        imp_a, imp_b = slot_importance(lora_a, da, lora_b, db, ranks)
-    return (
-        dx.to(x.dtype) if dx is not None else empty(),
-        dw.to(w.dtype) if dw is not None else empty(),
-        da.to(lora_a.dtype) if need_a else empty(),
-        db.to(lora_b.dtype) if need_b else empty(),
-        imp_a,
-        imp_b,
-    )
+            db[e, :, :r] = (g.T @ u[lo:hi, :r].to(dt)) * scale[e].to(dt)
+    # a fresh [0] tensor per unused output: custom-op outputs must not alias
+    return tuple(x.new_empty(0) if t is None else t.to(x.dtype) for t in (da, db, dw))
 
 
 def slot_importance(

@@ -2,7 +2,11 @@
 
 One implementation shared by layers, integrations and benchmarks. Everything
 here has data-independent output shapes (``T*k`` rows, ``E+1`` offsets), so it
-traces under ``torch.compile`` without graph breaks.
+traces under ``torch.compile`` without graph breaks, and nothing reads a device
+tensor on the host: the expert-id check is a device-side assert on accelerators
+(see :mod:`~drlora_kernels.ops._sync`), and the offsets come from a
+``searchsorted`` of the sorted expert ids (``bincount`` on CUDA reads the maximum
+id on the host to size its output: a sync).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ._validate import check_expert_ids
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,9 @@ def route_tokens(
         num_experts: ``E``.
 
     Raises:
-        ValueError: shapes disagree or an expert id is out of range.
+        ValueError: shapes disagree or an expert id is out of range (on accelerators the
+            range check is a device-side assert, see :mod:`~drlora_kernels.ops._sync`).
+        TypeError: ``top_k_index`` is not an integer tensor.
     """
     if top_k_index.dim() != 2:
         raise ValueError(f"top_k_index must be [T, k], got shape {tuple(top_k_index.shape)}")
@@ -56,23 +64,19 @@ def route_tokens(
         raise ValueError(
             f"top_k_weights must have the shape of top_k_index {tuple(top_k_index.shape)}, got {tuple(top_k_weights.shape)}"
         )
-    if top_k_index.dtype.is_floating_point:
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
-    if not torch.compiler.is_compiling() and top_k_index.numel() > 0:
-        lo, hi = int(top_k_index.min()), int(top_k_index.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(
-                f"top_k_index holds expert ids in [{lo}, {hi}], expected [0, {num_experts})"
-            )
+    check_expert_ids(top_k_index, num_experts)
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1).to(torch.int64)
     perm = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
-    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    expert_index = flat[perm]
+    # offsets[e] = number of rows routed to experts < e
+    bounds = torch.arange(num_experts + 1, dtype=torch.int64, device=flat.device)
+    offsets = torch.searchsorted(expert_index, bounds, out_int32=True)
     return TokenRouting(
         token_index=perm // k,
-        expert_index=flat[perm],
+        expert_index=expert_index,
         weights=top_k_weights.reshape(-1)[perm],
         offsets=offsets,
         perm=perm,

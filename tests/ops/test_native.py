@@ -1,9 +1,11 @@
 """The native backend (``drlora_kernels._C``) against the reference, on CPU (and CUDA if present).
 
-Forward and gradients for fp32 / bf16 / fp16 (fp64 for gradcheck), the named
-edge cases, NaN-poisoned inactive slots, the fused importance sums, the custom
-ops under ``opcheck``, and the C++ argument checks. Skipped as a whole when the
-extension is not loaded (e.g. ``DRLORA_DISABLE_NATIVE=1``).
+Forward and gradients for fp32 / bf16 / fp16 (fp64 for gradcheck), through the
+fused CPU backward and through the three primitives composed, the named edge
+cases, NaN-poisoned inactive slots, transposed operands (the backward's views),
+the native importance sums, the custom ops under ``opcheck``, and the C++ argument
+checks. Skipped as a whole when the extension is not loaded (e.g.
+``DRLORA_DISABLE_NATIVE=1``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from drlora_kernels.ops import native_impl as native
 from drlora_kernels.ops import reference as ref
 from tests.helpers import (
     assert_close_to_ref,
-    backward_args,
     inactive_mask,
     make_problem,
+    oracle,
     poison_inactive,
     run_backward,
+    run_forward,
 )
 
 pytestmark = [
@@ -32,28 +35,21 @@ pytestmark = [
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-GRAD_NAMES = ("dx", "dw", "da", "db", "imp_a", "imp_b")
+GRAD_NAMES = ("dx", "da", "db", "dw")
 
 
-def _run_forward(mod, p, with_w, **kw):
-    return mod.forward(
-        p.x, p.w if with_w else None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale, **kw
-    )
-
-
-def _run_backward(mod, p, gy, u, with_w, need_w=False, with_importance=True, **kw):
-    w = p.w if with_w else None
-    return run_backward(
-        mod, p, gy, u, w=w, need_w=need_w and with_w, with_importance=with_importance, **kw
-    )
+def _native_ops():
+    return get_ops("native")
 
 
 def check_against_reference(p, *, with_w: bool, need_w: bool = False) -> None:
-    """Forward, every gradient and the importance sums of native vs the fp32 oracle."""
+    """Forward and every gradient of native (fused and composed backward) vs the fp32 oracle."""
     dtype = p.x.dtype
-    y, u = _run_forward(native, p, with_w)
-    y_ref, u_ref = _run_forward(ref, p, with_w)
-    y_lp, _ = _run_forward(ref, p, with_w, upcast=False) if dtype in LOW_PRECISION else (None, None)
+    y, u = run_forward(_native_ops(), p, with_w=with_w)
+    y_ref, u_ref = run_forward(oracle(), p, with_w=with_w)
+    y_lp = (
+        run_forward(oracle(upcast=False), p, with_w=with_w)[0] if dtype in LOW_PRECISION else None
+    )
     assert y.dtype == dtype and u.dtype == u_ref.dtype
     assert_close_to_ref("y", y, y_ref, y_lp, dtype)
     assert_close_to_ref("u", u, u_ref, None, dtype)
@@ -61,21 +57,23 @@ def check_against_reference(p, *, with_w: bool, need_w: bool = False) -> None:
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(
         dtype=dtype, device=y.device
     )
-    out = _run_backward(native, p, gy, u_ref, with_w, need_w)
-    outs_ref = _run_backward(ref, p, gy, u_ref, with_w, need_w)
+    need_w = need_w and with_w
+    outs_ref = run_backward(oracle(), p, gy, u_ref, with_w=with_w, need_w=need_w)
     outs_lp = None
     if dtype in LOW_PRECISION:  # the oracle computed in the input dtype throughout
-        outs_lp = _run_backward(ref, p, gy, u_ref.to(dtype), with_w, need_w, upcast=False)
-    for i, name in enumerate(GRAD_NAMES):
-        o, r = out[i], outs_ref[i]
-        if r.numel() == 0:
-            assert o.numel() == 0, (
-                f"{name}: not requested, expected an empty tensor, got {tuple(o.shape)}"
-            )
-            continue
-        lp = outs_lp[i] if outs_lp is not None else None
-        assert o.dtype == r.dtype, f"{name}: dtype {o.dtype} != reference {r.dtype}"
-        assert_close_to_ref(name, o, r, lp, dtype)
+        outs_lp = run_backward(
+            oracle(upcast=False), p, gy, u_ref.to(dtype), with_w=with_w, need_w=need_w
+        )
+    for fused in (True, False):
+        out = run_backward(_native_ops(), p, gy, u_ref, with_w=with_w, need_w=need_w, fused=fused)
+        for i, name in enumerate(GRAD_NAMES):
+            o, r = out[i], outs_ref[i]
+            if r is None:
+                assert o is None, f"{name}: not requested, got {tuple(o.shape)}"
+                continue
+            lp = outs_lp[i] if outs_lp is not None else None
+            assert o.dtype == r.dtype, f"{name}: dtype {o.dtype} != reference {r.dtype}"
+            assert_close_to_ref(f"{name} ({'fused' if fused else 'composed'})", o, r, lp, dtype)
 
 
 # ---------------------------------------------------------------- forward / backward vs reference
@@ -120,15 +118,41 @@ def test_both_backward_schedules(threads):
         torch.set_num_threads(old)
 
 
-def test_shrink_and_expand_match_reference():
-    p = make_problem(E=5, K=96, N=80, R=16, T=120, popularity="zipf:1.5")
-    u = native.shrink(p.x, p.lora_a, p.ranks, p.offsets)
-    u_ref = ref.shrink(p.x, p.lora_a, p.ranks, p.offsets)
-    assert_close_to_ref("u", u, u_ref, None, torch.float32)
-    y = native.expand(u_ref, p.lora_b, p.ranks, p.offsets, p.scale)
-    assert_close_to_ref(
-        "y", y, ref.expand(u_ref, p.lora_b, p.ranks, p.offsets, p.scale), None, torch.float32
-    )
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_primitives_on_transposed_views_match_reference(dtype):
+    """The backward calls shrink / base_expand on transposed views (B^T, A^T, W^T)."""
+    p = make_problem(E=5, K=96, N=80, R=16, T=120, popularity="zipf:1.5", dtype=dtype)
+    b_t, a_t, w_t = (t.transpose(1, 2) for t in (p.lora_b, p.lora_a, p.w))
+    gy = torch.randn(p.x.shape[0], 80).to(dtype)
+    for name, args in {
+        "shrink": (p.x, p.lora_a, p.ranks, p.offsets, None),
+        "shrink(scale)": (p.x, p.lora_a, p.ranks, p.offsets, p.scale),
+        "shrink(B^T)": (gy, b_t, p.ranks, p.offsets, p.scale),
+    }.items():
+        assert_close_to_ref(name, native.shrink(*args), ref.shrink(*args), None, dtype)
+    gb = ref.shrink(gy, b_t, p.ranks, p.offsets, p.scale)
+    ones = torch.ones_like(p.scale)
+    for name, args in {
+        "expand": (None, None, gb, a_t, p.ranks, p.offsets, ones),
+        "base_expand(W^T, A^T)": (gy, w_t, gb, a_t, p.ranks, p.offsets, ones),
+    }.items():
+        lp = ref.base_expand(*args[:2], args[2].to(dtype), *args[3:], upcast=False)
+        assert_close_to_ref(name, native.base_expand(*args), ref.base_expand(*args), lp, dtype)
+    u = ref.shrink(p.x, p.lora_a, p.ranks, p.offsets)
+    for flags in [
+        (True, True, True),
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+    ]:
+        kw = dict(zip(("need_a", "need_b", "need_w"), flags))
+        got = native.weight_grad(gy, p.x, u, gb, p.ranks, p.offsets, p.scale, **kw)
+        exp = ref.weight_grad(gy, p.x, u, gb, p.ranks, p.offsets, p.scale, **kw)
+        for name, o, r in zip(("da", "db", "dw"), got, exp):
+            if r.numel() == 0:
+                assert o.shape == (0,), f"{name} not asked for, got {tuple(o.shape)}"
+            else:
+                assert_close_to_ref(f"{name} {kw}", o, r, None, dtype)
 
 
 def test_autograd_through_public_api():
@@ -193,52 +217,27 @@ def test_non_power_of_two_sizes(K, N):
 # ---------------------------------------------------------------- inactive slots and importance
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_nan_poisoned_inactive_slots(dtype):
+def test_nan_poisoned_inactive_slots(dtype, fused):
     p = poison_inactive(
         make_problem(E=6, K=48, N=40, R=16, T=90, ranks=[0, 3, 16, 7, 1, 12], dtype=dtype)
     )
-    y, u = _run_forward(native, p, with_w=True)
+    y, u = run_forward(_native_ops(), p, with_w=True)
     assert torch.isfinite(y).all() and torch.isfinite(u).all()
     gy = torch.randn(y.shape).to(dtype)
-    dx, dw, da, db, imp_a, imp_b = _run_backward(native, p, gy, u, with_w=True, need_w=True)
-    for name, t in (
-        ("dx", dx),
-        ("dw", dw),
-        ("da", da),
-        ("db", db),
-        ("imp_a", imp_a),
-        ("imp_b", imp_b),
-    ):
+    g = run_backward(_native_ops(), p, gy, u, with_w=True, need_w=True, fused=fused)
+    for name, t in zip(GRAD_NAMES, g):
         assert torch.isfinite(t).all(), f"{name} has non-finite values"
     dead = inactive_mask(p.ranks, 16)
-    assert (da[dead] == 0).all(), "inactive rows of da must be exactly zero"
-    assert (db.transpose(1, 2)[dead] == 0).all(), "inactive columns of db must be exactly zero"
-    assert (imp_a[dead] == 0).all() and (imp_b[dead] == 0).all()
-    assert (u[:, 16:] == 0).all()
+    assert (g.da[dead] == 0).all(), "inactive rows of da must be exactly zero"
+    assert (g.db.transpose(1, 2)[dead] == 0).all(), "inactive columns of db must be exactly zero"
     off = p.offsets.tolist()
     for e, r in enumerate(p.ranks.tolist()):
         assert (u[off[e] : off[e + 1], r:] == 0).all(), (
             f"u columns >= rank of expert {e} must be zero"
         )
     check_against_reference(p, with_w=True, need_w=True)
-
-
-def test_importance_matches_slot_importance():
-    p = make_problem(E=5, K=40, N=32, R=12, T=80, popularity="zipf:1.5")
-    _, u = _run_forward(native, p, with_w=False)
-    gy = torch.randn(p.x.shape[0], 32)
-    _, _, da, db, imp_a, imp_b = _run_backward(native, p, gy, u, with_w=False)
-    exp_a, exp_b = ref.slot_importance(p.lora_a, da, p.lora_b, db, p.ranks)
-    torch.testing.assert_close(imp_a, exp_a, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(imp_b, exp_b, rtol=1e-5, atol=1e-6)
-    # importance without asking for da / db still comes out (and da / db stay empty)
-    out = run_backward(
-        native, p, gy, u, need_x=False, need_a=False, need_b=False, with_importance=True
-    )
-    assert [t.numel() for t in out[:4]] == [0, 0, 0, 0]
-    torch.testing.assert_close(out[4], exp_a, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[5], exp_b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -283,16 +282,15 @@ def test_native_slot_importance_checks():
 
 def test_outputs_never_alias():
     p = make_problem(E=3, K=16, N=12, R=4, T=20)
-    y, u = _run_forward(native, p, with_w=True)
-    outs = _run_backward(
-        native, p, torch.randn_like(y), u, with_w=True, need_w=False, with_importance=False
-    )
-    ptrs = [
-        t.untyped_storage().data_ptr()
-        for t in (*outs, p.x, p.w, p.lora_a, p.lora_b, u)
-        if t.numel()
-    ]
-    assert len(set(ptrs)) == len(ptrs)
+    y, u = run_forward(_native_ops(), p, with_w=True)
+    for fused in (True, False):
+        g = run_backward(_native_ops(), p, torch.randn_like(y), u, with_w=True, fused=fused)
+        ptrs = [
+            t.untyped_storage().data_ptr()
+            for t in (*[t for t in g if t is not None], p.x, p.w, p.lora_a, p.lora_b, u, y)
+            if t.numel()
+        ]
+        assert len(set(ptrs)) == len(ptrs)
 
 
 # ---------------------------------------------------------------- custom ops, gradcheck
@@ -303,34 +301,21 @@ def _small():
 
 
 @pytest.mark.parametrize("with_w", [False, True], ids=["lora", "base+lora"])
-def test_opcheck_native_ops(with_w):
+def test_opcheck_fused_backward(with_w):
+    """The fused CPU backward op (the three primitives are opchecked for every backend in test_opcheck.py)."""
     p = _small()
-    ops = get_ops("native")
-    w = p.w.clone().requires_grad_() if with_w else None
-    fwd_args = (
-        p.x.clone().requires_grad_(),
-        w,
-        p.lora_a.clone().requires_grad_(),
-        p.lora_b.clone().requires_grad_(),
-        p.ranks,
-        p.offsets,
-        p.scale,
-    )
-    torch.library.opcheck(torch.ops.drlora.lora_fwd_native.default, fwd_args)
-    _, u = ops["forward"](
-        p.x, p.w if with_w else None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale
-    )
+    _, u = run_forward(_native_ops(), p, with_w=with_w)
     gy = torch.randn(p.x.shape[0], 12)
-    bwd_args = backward_args(
-        p, gy, u, w=p.w if with_w else None, need_w=with_w, with_importance=True
-    )
-    torch.library.opcheck(torch.ops.drlora.lora_bwd_native.default, bwd_args)
-    torch.library.opcheck(
-        torch.ops.drlora.shrink_native.default, (p.x, p.lora_a, p.ranks, p.offsets)
-    )
-    torch.library.opcheck(
-        torch.ops.drlora.expand_native.default, (u, p.lora_b, p.ranks, p.offsets, p.scale)
-    )
+    for flags in [
+        (True, True, True, with_w),
+        (False, True, False, False),
+        (True, False, False, False),
+    ]:
+        torch.library.opcheck(
+            torch.ops.drlora.lora_backward_native.default,
+            (gy, p.x, p.w if with_w else None, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale),
+            dict(zip(("need_x", "need_a", "need_b", "need_w"), flags)),
+        )
 
 
 def test_gradcheck_fp64():
@@ -348,85 +333,95 @@ def test_gradcheck_fp64():
 # ---------------------------------------------------------------- C++ argument checks
 
 
-def _c_forward(**over):
+def _c_call(fn: str, **over):
     p = make_problem(E=3, K=16, N=12, R=4, T=20)
-    args = dict(
-        x=p.x,
-        w=None,
-        lora_a=p.lora_a,
-        lora_b=p.lora_b,
-        ranks=p.ranks,
-        offsets=p.offsets,
-        scale=p.scale,
-    )
+    u = ref.shrink(p.x, p.lora_a, p.ranks, p.offsets)
+    args = {
+        "shrink": dict(x=p.x, lora_a=p.lora_a, ranks=p.ranks, offsets=p.offsets, scale=p.scale),
+        "base_expand": dict(
+            x=p.x, w=p.w, u=u, lora_b=p.lora_b, ranks=p.ranks, offsets=p.offsets, scale=p.scale
+        ),
+        "weight_grad": dict(
+            grad_y=torch.randn(20, 12),
+            x=p.x,
+            u=u,
+            gb=u.clone(),
+            ranks=p.ranks,
+            offsets=p.offsets,
+            scale=p.scale,
+            need_a=True,
+            need_b=True,
+            need_w=True,
+        ),  # fmt: skip
+        "lora_backward": dict(
+            grad_y=torch.randn(20, 12),
+            x=p.x,
+            w=p.w,
+            lora_a=p.lora_a,
+            lora_b=p.lora_b,
+            u=u,
+            ranks=p.ranks,
+            offsets=p.offsets,
+            scale=p.scale,
+            need_x=True,
+            need_a=True,
+            need_b=True,
+            need_w=True,
+        ),  # fmt: skip
+    }[fn]
     args.update(over)
-    return _native._C.forward(**args)
+    return getattr(_native._C, fn)(**args)
+
+
+INT = torch.int32
+INDEX_CASES = [
+    (dict(ranks=torch.tensor([1, 5, 0], dtype=INT)), ValueError, r"ranks\[1\] = 5"),
+    (dict(ranks=torch.tensor([1, -1, 0], dtype=INT)), ValueError, "ranks out of range"),
+    (dict(ranks=torch.tensor([1.0, 2.0, 0.0])), TypeError, "ranks has dtype"),
+    (dict(ranks=torch.tensor([1, 2, 0])), TypeError, r"ranks has dtype Long.*int32"),
+    (dict(ranks=torch.tensor([1, 9, 2, 9, 0], dtype=INT)[::2]), ValueError, "ranks must be contiguous"),
+    (dict(ranks=torch.tensor([2], dtype=INT).expand(3)), ValueError, "ranks must be contiguous"),
+    (dict(offsets=torch.tensor([0, 12, 8, 20], dtype=INT)), ValueError, "non-decreasing"),
+    (dict(offsets=torch.tensor([0, 8, 12, 19], dtype=INT)), ValueError, r"offsets\[-1\]"),
+    (dict(offsets=torch.tensor([0, 8, 20], dtype=INT)), ValueError, "offsets must have shape"),
+    (dict(offsets=torch.tensor([0, 8, 12, 20])), TypeError, "offsets has dtype Long"),
+    (dict(offsets=torch.tensor([0, 0, 8, 0, 12, 0, 20], dtype=INT)[::2]), ValueError, "offsets must be contiguous"),
+    (dict(scale=torch.ones(4)), ValueError, "scale must have shape"),
+]  # fmt: skip
+INDEX_IDS = [
+    "rank-too-big", "rank-negative", "float-ranks", "int64-ranks", "strided-ranks",
+    "expanded-ranks", "offsets-decreasing", "offsets-total", "offsets-length", "int64-offsets",
+    "strided-offsets", "scale-shape",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fn", ["shrink", "base_expand", "weight_grad", "lora_backward"])
+@pytest.mark.parametrize("over,exc,match", INDEX_CASES, ids=INDEX_IDS)
+def test_cpp_group_checks_name_the_argument(fn, over, exc, match):
+    with pytest.raises(exc, match=match):
+        _c_call(fn, **over)
 
 
 @pytest.mark.parametrize(
-    "over,exc,match",
+    "fn,over,exc,match",
     [
-        (dict(lora_a=torch.randn(3, 4, 15)), ValueError, "lora_a must have shape"),
-        (dict(lora_b=torch.randn(3, 12, 5)), ValueError, "lora_b must have shape"),
-        (dict(x=torch.randn(20, 16).double()), TypeError, "lora_a has dtype"),
-        (dict(x=torch.randn(20, 16).to(torch.int32)), TypeError, "x has dtype"),
-        (dict(x=torch.randn(16, 20).t()), ValueError, "x must be contiguous"),
-        (dict(ranks=torch.tensor([1, 5, 0], dtype=torch.int32)), ValueError, r"ranks\[1\] = 5"),
-        (dict(ranks=torch.tensor([1, -1, 0], dtype=torch.int32)), ValueError, "ranks out of range"),
-        (dict(ranks=torch.tensor([1.0, 2.0, 0.0])), TypeError, "ranks has dtype"),
-        (
-            dict(offsets=torch.tensor([0, 12, 8, 20], dtype=torch.int32)),
-            ValueError,
-            "offsets must be non-decreasing",
-        ),
-        (
-            dict(offsets=torch.tensor([0, 8, 12, 19], dtype=torch.int32)),
-            ValueError,
-            r"offsets\[-1\]",
-        ),
-        (
-            dict(offsets=torch.tensor([0, 8, 20], dtype=torch.int32)),
-            ValueError,
-            "offsets must have shape",
-        ),
-        (dict(scale=torch.ones(4)), ValueError, "scale must have shape"),
-        (dict(w=torch.randn(3, 12, 15)), ValueError, "w must have shape"),
+        ("shrink", dict(lora_a=torch.randn(3, 4, 15)), ValueError, "lora_a must have shape"),
+        ("shrink", dict(x=torch.randn(20, 16).double()), TypeError, "lora_a has dtype"),
+        ("shrink", dict(x=torch.randn(20, 16).to(torch.int32)), TypeError, "x has dtype"),
+        ("shrink", dict(x=torch.randn(16, 20).t()), ValueError, "x must be contiguous"),
+        ("base_expand", dict(lora_b=torch.randn(3, 12, 5)), ValueError, "lora_b must have shape"),
+        ("base_expand", dict(w=torch.randn(3, 12, 15)), ValueError, "w must have shape"),
+        ("base_expand", dict(x=None), ValueError, "w is given but x is None"),
+        ("base_expand", dict(u=torch.randn(20, 4).double()), TypeError, "u has dtype"),
+        ("weight_grad", dict(grad_y=torch.randn(21, 12)), ValueError, "grad_y must have shape"),
+        ("weight_grad", dict(gb=None), ValueError, "need_a is true but gb is None"),
+        ("lora_backward", dict(w=None), ValueError, "need_w is true but w is None"),
+        ("lora_backward", dict(lora_b=torch.randn(3, 12, 5)), ValueError, "lora_b must have shape"),
     ],
-    ids=[
-        "a-shape",
-        "b-shape",
-        "dtype-mismatch",
-        "int-x",
-        "non-contiguous",
-        "rank-too-big",
-        "rank-negative",
-        "float-ranks",
-        "offsets-decreasing",
-        "offsets-total",
-        "offsets-length",
-        "scale-shape",
-        "w-shape",
-    ],
-)
-def test_cpp_checks_name_the_argument(over, exc, match):
+)  # fmt: skip
+def test_cpp_checks_name_the_argument(fn, over, exc, match):
     with pytest.raises(exc, match=match):
-        _c_forward(**over)
-
-
-def test_cpp_backward_checks():
-    p = make_problem(E=3, K=16, N=12, R=4, T=20)
-    _, u = native.forward(p.x, None, p.lora_a, p.lora_b, p.ranks, p.offsets, p.scale)
-
-    def backward(grad_y=None, u=u, need_w=False):
-        grad_y = torch.randn(20, 12) if grad_y is None else grad_y
-        return run_backward(native, p, grad_y, u, need_w=need_w)
-
-    with pytest.raises(ValueError, match="grad_y must have shape"):
-        backward(grad_y=torch.randn(20, 11))
-    with pytest.raises(TypeError, match="u has dtype"):
-        backward(u=u.double())
-    with pytest.raises(ValueError, match="need_w"):
-        backward(need_w=True)
+        _c_call(fn, **over)
 
 
 # ---------------------------------------------------------------- CUDA (needs a GPU; untested until one runs them)
@@ -451,11 +446,9 @@ def test_cuda_nan_poisoned_inactive_slots():
     p = poison_inactive(
         make_problem(E=6, K=48, N=40, R=16, T=90, ranks=[0, 3, 16, 7, 1, 12], device="cuda")
     )
-    y, u = _run_forward(native, p, with_w=True)
-    dx, dw, da, db, imp_a, imp_b = _run_backward(
-        native, p, torch.randn_like(y), u, with_w=True, need_w=True
-    )
-    for t in (y, u, dx, dw, da, db, imp_a, imp_b):
+    y, u = run_forward(_native_ops(), p, with_w=True)
+    g = run_backward(_native_ops(), p, torch.randn_like(y), u, with_w=True, need_w=True)
+    for t in (y, u, *g):
         assert torch.isfinite(t).all()
     dead = inactive_mask(p.ranks, 16)
-    assert (da[dead] == 0).all() and (db.transpose(1, 2)[dead] == 0).all()
+    assert (g.da[dead] == 0).all() and (g.db.transpose(1, 2)[dead] == 0).all()
