@@ -38,7 +38,7 @@ from .config import DRLoRAConfig
 from .engines import Engine, detect_engine
 from .optim import SlotSpec, pool_slot_specs
 from .pool import RankPool
-from .saliency import FusedImportance, SaliencyTracker, fused_scores
+from .saliency import SaliencyTracker
 from .scheduler import GrowthSchedule
 
 STATE_FORMAT = 1
@@ -268,17 +268,15 @@ class DRLoRAController:
         """Record the routing of one forward of MoE layer ``layer`` (see :meth:`SaliencyTracker.record_routing`)."""
         self.tracker.record_routing(layer, top_k_index, top_k_weights)
 
-    def update_statistics(self, fused_importance: FusedImportance | None = None) -> None:
+    def update_statistics(self) -> None:
         """Update ``f`` and the per-slot ``g`` with this optimizer step's routing and gradients.
 
         Call once per optimizer step, after ALL backward passes of the step (gradients
         complete, unscaled if AMP's GradScaler is used) and before ``optimizer.step()``.
         The gradients are read through :attr:`engine` (sharded engines' partial ``[E, R]``
-        sums are summed across processes in the one statistics collective).
-
-        Args:
-            fused_importance: per-slot sums from a fused backward instead of the gradients
-                (see :func:`drlora_kernels.saliency.fused_scores` for the accepted forms).
+        sums are summed across processes in the one statistics collective). This is the one
+        importance path: the step's COMPLETE gradients (all micro-batches), never per-micro-batch
+        sums from a backward kernel (an L1 of a sum is not a sum of L1s).
 
         Raises:
             RuntimeError: a pool with active ranks has no gradient (the importance would
@@ -289,9 +287,6 @@ class DRLoRAController:
         self._verify_growth_after_step(engine)
         if not self.config.use_importance:
             self.tracker.update(None, process_group=self.process_group)
-        elif fused_importance is not None:
-            scores = fused_scores(fused_importance, self.tracker.shape, self.tracker.device)
-            self.tracker.update(scores, process_group=self.process_group)
         else:
             imp_a, imp_b = self._slot_sums(engine)
             if engine.sums_are_partial:

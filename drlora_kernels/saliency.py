@@ -19,15 +19,11 @@ expert share its ``f``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.distributed as dist
 
 from .engines import Engine, LocalEngine
 from .pool import RankPool
-
-FusedImportance = torch.Tensor | Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def in_backward() -> bool:
@@ -252,32 +248,3 @@ class SaliencyTracker:
                     f"state[{key!r}] has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
                 )
             dst.copy_(src)
-
-
-def fused_scores(fused: FusedImportance, shape: tuple[int, int, int, int], device) -> torch.Tensor:
-    """Per-slot ``s_j [L, P, E, R]`` from a backend's fused sums.
-
-    ``fused`` is either the ready `[L, P, E, R]` tensor of ``s_j`` or, per layer and pool,
-    the pair ``(imp_a, imp_b)`` of `[E, R]` L1 sums (``sum_k |A*dA|``, ``sum_n |B*dB|``) of
-    the step's COMPLETE gradient (with gradient accumulation, sums of per-micro-batch terms
-    are not the same thing: use ``.grad`` instead).
-    """
-    if isinstance(fused, torch.Tensor):
-        if tuple(fused.shape) != tuple(shape):
-            raise ValueError(
-                f"fused_importance must have shape {list(shape)}, got {tuple(fused.shape)}"
-            )
-        return fused.to(device, torch.float32)
-    L, P, E, R = shape
-    if len(fused) != L or any(len(layer) != P for layer in fused):
-        raise ValueError(f"fused_importance must hold {L} layers of {P} (imp_a, imp_b) pairs")
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    for layer, pairs in enumerate(fused):
-        for p, (imp_a, imp_b) in enumerate(pairs):
-            if tuple(imp_a.shape) != (E, R) or tuple(imp_b.shape) != (E, R):
-                raise ValueError(
-                    f"fused_importance[{layer}][{p}] must be two [E={E}, R={R}] tensors, got "
-                    f"{tuple(imp_a.shape)} and {tuple(imp_b.shape)}"
-                )
-            out[layer, p] = imp_a.float() * imp_b.float()
-    return out
