@@ -204,28 +204,29 @@ INTERP_CONFIGS: dict[str, TileConfig] = {
 }
 INTERP_REDUCE_CONFIG = _cfg(4, 1, BLOCK_I=64, BLOCK_J=128)
 
-#: For each site: (name of the rank block or None, names of the two dot-operand tiles
-#: (rows, cols), and which operand is an fp32/fp64 intermediate (u, gb) instead of storage).
-_TILES = {
-    "shrink": ("BLOCK_R", (("BLOCK_M", "BLOCK_K"), ("BLOCK_K", "BLOCK_R")), ()),
-    "base_expand": ("BLOCK_R", (("BLOCK_M", "BLOCK_I"), ("BLOCK_I", "BLOCK_J")), ()),
-    "weight_grad_a": ("BLOCK_I", (("BLOCK_I", "BLOCK_M"), ("BLOCK_M", "BLOCK_J")), (0,)),
-    "weight_grad_b": ("BLOCK_J", (("BLOCK_I", "BLOCK_M"), ("BLOCK_M", "BLOCK_J")), (1,)),
-    "weight_grad_w": (None, (("BLOCK_I", "BLOCK_M"), ("BLOCK_M", "BLOCK_J")), ()),
-}
-_OUT_TILE = {
-    "shrink": ("BLOCK_M", "BLOCK_R"),
-    "base_expand": ("BLOCK_M", "BLOCK_J"),
-    "weight_grad_a": ("BLOCK_I", "BLOCK_J"),
-    "weight_grad_b": ("BLOCK_I", "BLOCK_J"),
-    "weight_grad_w": ("BLOCK_I", "BLOCK_J"),
-}
+#: For each site: the name of its rank block (None: no rank axis), its pipelined loops as the
+#: two dot-operand tiles each ((rows, cols) block names, True for an fp32/fp64 intermediate such
+#: as u or gb that is loaded in the accumulator dtype), and its output tile with True when it is
+#: stored in the accumulator dtype (u, gb; the fp32 partials of the split weight gradients).
+_SHAPES = {
+    "shrink": ("BLOCK_R", [[("BLOCK_M", "BLOCK_K", False), ("BLOCK_K", "BLOCK_R", False)]],
+               ("BLOCK_M", "BLOCK_R", True)),
+    "base_expand": ("BLOCK_R", [[("BLOCK_M", "BLOCK_I", False), ("BLOCK_I", "BLOCK_J", False)],
+                                [("BLOCK_M", "BLOCK_R", True), ("BLOCK_R", "BLOCK_J", False)]],
+                    ("BLOCK_M", "BLOCK_J", False)),
+    "weight_grad_a": ("BLOCK_I", [[("BLOCK_I", "BLOCK_M", True), ("BLOCK_M", "BLOCK_J", False)]],
+                      ("BLOCK_I", "BLOCK_J", True)),
+    "weight_grad_b": ("BLOCK_J", [[("BLOCK_I", "BLOCK_M", False), ("BLOCK_M", "BLOCK_J", True)]],
+                      ("BLOCK_I", "BLOCK_J", True)),
+    "weight_grad_w": (None, [[("BLOCK_I", "BLOCK_M", False), ("BLOCK_M", "BLOCK_J", False)]],
+                      ("BLOCK_I", "BLOCK_J", True)),
+}  # fmt: skip
 
 
 def fit_rank_block(site: str, cfg: TileConfig, R: int) -> TileConfig:
     """``cfg`` with its rank block clamped to the pool (``max(16, next_pow2(R))``): a pool of 16
     slots should not run a 64-wide rank tile of mostly masked lanes."""
-    name = _TILES[site][0]
+    name = _SHAPES[site][0]
     if name is None:
         return cfg
     cap = max(16, 1 << max(0, (R - 1).bit_length()))
@@ -234,25 +235,31 @@ def fit_rank_block(site: str, cfg: TileConfig, R: int) -> TileConfig:
 
 
 def smem_estimate(site: str, cfg: TileConfig, prec: str) -> int:
-    """Bytes of shared memory the pipelined operand tiles need: ``num_stages`` buffers of both
-    dot operands (intermediates in the accumulator dtype), as Triton allocates them on sm_90."""
+    """Bytes of shared memory: ``num_stages`` buffers of the operand tiles of the largest
+    pipelined loop (loops do not overlap, their buffers are reused) plus the output tile, which
+    the store may stage through shared memory. An upper bound of what Triton allocates (it uses
+    ``num_stages - 1`` buffers on sm_80); the gate checks it against the compiler."""
     b = cfg.kwargs
-    _, tiles, wide = _TILES[site]
-    per_stage = sum(
-        b[r] * b[c] * (_ACC[prec] if k in wide else _ELEM[prec]) for k, (r, c) in enumerate(tiles)
+
+    def tile(rows: str, cols: str, wide: bool) -> int:
+        return b[rows] * b[cols] * (_ACC if wide else _ELEM)[prec]
+
+    loops = _SHAPES[site][1]
+    return cfg.num_stages * max(sum(tile(*t) for t in loop) for loop in loops) + tile(
+        *_SHAPES[site][2]
     )
-    return cfg.num_stages * per_stage
 
 
 def acc_regs_estimate(site: str, cfg: TileConfig, prec: str) -> int:
     """32-bit registers per thread for the accumulator tile (plus, for the non-tensor-core
     fp32/fp64 dots, the operand tiles that are held in registers)."""
     b = cfg.kwargs
-    rows, cols = _OUT_TILE[site]
+    rows, cols, _ = _SHAPES[site][2]
     words = b[rows] * b[cols] * _ACC[prec] // 4
     if prec in ("fp32", "fp64"):  # FMA dots keep both operand slices in registers
-        (ar, ac), (br, bc) = _TILES[site][1]
-        words += (b[ar] * b[ac] + b[br] * b[bc]) * _ELEM[prec] // 4
+        words += max(
+            sum(b[r] * b[c] * _ELEM[prec] // 4 for r, c, _ in loop) for loop in _SHAPES[site][1]
+        )
     return words // (32 * cfg.num_warps)
 
 
