@@ -285,12 +285,10 @@ def _launch_weight_grad(site, left, right, out, ranks, offsets, scale, dtype) ->
     rank_axis, has_scale = _RANK_AXIS[site], scale is not None
     acc = _acc_dtype(dtype)
     chunk = tc.rows_per_chunk(T, E, I * J, acc.itemsize)
-    # no expert can have more than `chunk` rows when T <= chunk: pass 2 then never reads it
-    ws = (
-        torch.empty(tc.workspace_slots(T, chunk), I, J, dtype=acc, device=out.device)
-        if T > chunk
-        else out
-    )
+    # No expert has more than `chunk` rows when T <= chunk: no partials. The empty workspace
+    # keeps the dtype and strides (so the compiled specialisation) of a real one.
+    slots = tc.workspace_slots(T, chunk) if T > chunk else 0
+    ws = torch.empty(slots, I, J, dtype=acc, device=out.device)
     R = I if rank_axis == 0 else J
 
     def grid(cfg):
