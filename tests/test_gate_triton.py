@@ -88,8 +88,9 @@ def test_every_autotune_candidate_is_clean_or_pruned():
                 "--markdown")  # fmt: skip
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     rows = _rows(res.stdout)
-    assert rows and all(r["status"] in ("ok", "pruned") for r in rows)
-    assert any(r["status"] == "pruned" for r in rows), "the table holds configs pruned on sm_80"
+    assert rows and all(r["status"] == "ok" or r["status"].startswith("pruned") for r in rows)
+    pruned = [r for r in rows if r["status"].startswith("pruned")]
+    assert pruned and {r["target"] for r in pruned} == {"sm_80"}, "some fit sm_90 but not sm_80"
 
 
 def test_judge_fails_defaults_and_kept_configs_only():
@@ -103,7 +104,7 @@ def test_judge_fails_defaults_and_kept_configs_only():
 
     assert judged(default=True, kept=True, spill=8).status.startswith("FAIL")
     assert judged(default=False, kept=True, smem=limit + 1).status.startswith("FAIL")
-    assert judged(default=False, kept=False, spill=8, smem=limit + 1).status == "pruned"
+    assert judged(default=False, kept=False, spill=8, smem=limit + 1).status.startswith("pruned")
     assert judged(default=False, kept=False, error="CompilationError: x").status.startswith("FAIL")
     assert judged(default=True, kept=True, regs=200).status == "ok"
     assert judged(default=True, kept=True, spill=-1).status.startswith("FAIL")  # no ptxas report

@@ -77,6 +77,7 @@ class Row:
     config: str
     default: bool
     kept: bool
+    pruned_why: str = ""
     regs: int = 0
     spill: int = 0
     smem: int = 0
@@ -89,7 +90,7 @@ class Row:
         if self.problems:
             return "FAIL: " + "; ".join(self.problems)
         if not self.kept:
-            return "pruned"
+            return f"pruned ({self.pruned_why})" if self.pruned_why else "pruned"
         return "ok"
 
 
@@ -229,12 +230,23 @@ def _compile_launch(launch, role, cc, target, limit, label, prec, configs, seen,
         seen.add(ident)
         t0 = time.perf_counter()
         row = Row(launch.kernel.fn.__name__.strip("_"), role, cc, label, str(cfg),
-                  cfg == every[0], cfg in kept, **_compile(launch, cfg, target))  # fmt: skip
+                  cfg == every[0], cfg in kept, _pruned_why(launch.site, cfg, prec, limit),
+                  **_compile(launch, cfg, target))  # fmt: skip
         _judge(row, limit)
         out.append(row)
         log(f"  sm_{cc} {label:9s} {row.kernel:28s} {role:24s} {row.config:36s} "
             f"{time.perf_counter() - t0:5.1f}s {row.status}")  # fmt: skip
     return out
+
+
+def _pruned_why(site: str, cfg, prec: str, limit: int) -> str:
+    # the pruner's reason, in its own estimates (the measured numbers are in the other columns)
+    if site not in tc.CONFIGS:
+        return ""
+    smem, regs = tc.smem_estimate(site, cfg, prec), tc.acc_regs_estimate(site, cfg, prec)
+    if smem > limit:
+        return f"est. smem {smem} > {limit}"
+    return f"est. acc regs {regs} > {tc.MAX_ACC_REGS}" if regs > tc.MAX_ACC_REGS else ""
 
 
 def _judge(row: Row, limit: int) -> None:

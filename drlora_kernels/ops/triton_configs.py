@@ -144,7 +144,6 @@ CONFIGS: dict[str, dict[str, list[TileConfig]]] = {
         ],
         "fp32": [
             _cfg(8, 3, BLOCK_M=64, BLOCK_J=128, BLOCK_I=16, BLOCK_R=16),
-            _cfg(4, 3, BLOCK_M=32, BLOCK_J=64, BLOCK_I=32, BLOCK_R=32),
             _cfg(4, 3, BLOCK_M=64, BLOCK_J=64, BLOCK_I=16, BLOCK_R=16),
         ],
         "fp64": [_cfg(4, 2, BLOCK_M=32, BLOCK_J=64, BLOCK_I=16, BLOCK_R=16)],
