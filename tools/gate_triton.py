@@ -16,7 +16,8 @@ pruner drops are compiled and reported (``pruned``) but do not fail the gate.
 
     python tools/gate_triton.py                     # every config, every precision, sm_80 + sm_90
     python tools/gate_triton.py --configs default   # the defaults only (what CI runs always)
-    python tools/gate_triton.py --markdown          # the table as Markdown (the README's)
+    python tools/gate_triton.py --markdown          # the table as Markdown
+    python tools/gate_triton.py --configs default --pivot   # targets side by side (README)
 """
 
 from __future__ import annotations
@@ -280,6 +281,29 @@ def table(rows: list[Row], markdown: bool = False) -> str:
     return "\n".join(fmt.format(*line) for line in [head, *body])
 
 
+def pivot(rows: list[Row]) -> str:
+    """Markdown, one line per (precision, kernel role, config) with the targets side by side:
+    ``regs / spills / smem KiB / dot`` per target (the README's table)."""
+    targets = sorted({r.target for r in rows})
+    cells: dict[tuple, dict[int, Row]] = {}
+    for r in rows:
+        cells.setdefault((r.precision, r.role, r.config, r.default), {})[r.target] = r
+    head = ["dtype", "launch", "config", *(f"sm_{t}: regs / spills / smem / dot" for t in
+                                                  targets), "status"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (prec, role, cfg, default), by_t in cells.items():
+        res = [
+            f"{x.regs} / {x.spill} / {x.smem / 1024:.0f} KiB / {x.dot}"
+            if (x := by_t.get(t))
+            else ""
+            for t in targets
+        ]
+        status = "; ".join(dict.fromkeys(x.status for x in by_t.values()))
+        name = role + (" (default)" if default else "")
+        lines.append("| " + " | ".join([prec, name, cfg, *res, status]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the gate; print the table; return 0 when every check passes, 1 otherwise."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -292,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="all (default), default (the configs used with autotuning off), or "
                         "alternatives (the other autotune candidates)")  # fmt: skip
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--pivot", action="store_true",
+                   help="print Markdown with the targets side by side (the README's table)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no per-compile progress lines")
     args = p.parse_args(argv)
     targets = [int(t) for t in args.targets.split(",")]
@@ -309,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         knobs.cache.dir = cache
         rows = collect(targets, precisions, shapes, args.configs,
                        log=(lambda s: None) if args.quiet else print)  # fmt: skip
-    print(table(rows, markdown=args.markdown))
+    print(pivot(rows) if args.pivot else table(rows, markdown=args.markdown))
     failed = [r for r in rows if r.problems]
     print(f"\ngate_triton: {len(rows)} compiles ({sum(r.default for r in rows)} defaults, "
           f"{sum(not r.kept for r in rows)} pruned), {len(failed)} failures, "
