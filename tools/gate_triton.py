@@ -79,6 +79,7 @@ class Row:
     default: bool
     kept: bool
     pruned_why: str = ""
+    shape: str = ""
     regs: int = 0
     spill: int = 0
     smem: int = 0
@@ -194,7 +195,6 @@ CONFIG_SETS = ("all", "default", "alternatives")
 def collect(targets, precisions, shapes, configs: str = "all", log=print) -> list[Row]:
     """Compile every launch of the primitives at every selectable config; one Row each."""
     rows: list[Row] = []
-    seen: set = set()
     for cc in targets:
         target = GPUTarget("cuda", cc, 32)
         limit = tc.SMEM_LIMIT[cc]
@@ -207,13 +207,13 @@ def collect(targets, precisions, shapes, configs: str = "all", log=print) -> lis
                     with ti.capture_launches(smem_limit=10**9) as launches:  # every config
                         call()
                     for launch, sub in zip(launches, _weight_grad_roles(launches, role)):
-                        rows += _compile_launch(launch, sub, cc, target, limit, label, prec,
-                                                configs, seen, log)  # fmt: skip
+                        rows += _compile_launch(launch, sub, shape_name, cc, target, limit,
+                                                label, prec, configs, log)  # fmt: skip
     tc.ALLOW_TF32 = None
     return rows
 
 
-def _compile_launch(launch, role, cc, target, limit, label, prec, configs, seen, log):
+def _compile_launch(launch, role, shape, cc, target, limit, label, prec, configs, log):
     if launch.site in tc.CONFIGS:  # every config of the table, fitted to the pool as at run time
         every = [
             tc.fit_rank_block(launch.site, c, launch.pool) for c in tc.CONFIGS[launch.site][prec]
@@ -225,17 +225,13 @@ def _compile_launch(launch, role, cc, target, limit, label, prec, configs, seen,
     out = []
     chosen = {"all": every, "default": every[:1], "alternatives": every[1:]}[configs]
     for cfg in chosen:
-        ident = (launch.kernel.fn.__name__, role, cc, label, cfg)
-        if ident in seen:
-            continue
-        seen.add(ident)
         t0 = time.perf_counter()
         row = Row(launch.kernel.fn.__name__.strip("_"), role, cc, label, str(cfg),
                   cfg == every[0], cfg in kept, _pruned_why(launch.site, cfg, prec, limit),
-                  **_compile(launch, cfg, target))  # fmt: skip
+                  shape, **_compile(launch, cfg, target))  # fmt: skip
         _judge(row, limit)
         out.append(row)
-        log(f"  sm_{cc} {label:9s} {row.kernel:28s} {role:24s} {row.config:36s} "
+        log(f"  sm_{cc} {label:9s} {shape:8s} {row.kernel:28s} {role:24s} {row.config:30s} "
             f"{time.perf_counter() - t0:5.1f}s {row.status}")  # fmt: skip
     return out
 
@@ -265,10 +261,11 @@ def _judge(row: Row, limit: int) -> None:
 
 def table(rows: list[Row], markdown: bool = False) -> str:
     """The resource table: one line per compiled (kernel, role, target, precision, config)."""
-    head = ["kernel", "role", "target", "dtype", "config", "default", "regs", "spills (B)",
-            "smem (B)", "dot", "status"]  # fmt: skip
+    head = ["kernel", "role", "shape", "target", "dtype", "config", "default", "regs",
+            "spills (B)", "smem (B)", "dot", "status"]  # fmt: skip
     body = [
-        [r.kernel, r.role, f"sm_{r.target}", r.precision, r.config, "yes" if r.default else "",
+        [r.kernel, r.role, r.shape, f"sm_{r.target}", r.precision, r.config,
+         "yes" if r.default else "",
          str(r.regs), str(r.spill), str(r.smem), r.dot, r.status]
         for r in rows
     ]  # fmt: skip
@@ -287,11 +284,11 @@ def pivot(rows: list[Row]) -> str:
     targets = sorted({r.target for r in rows})
     cells: dict[tuple, dict[int, Row]] = {}
     for r in rows:
-        cells.setdefault((r.precision, r.role, r.config, r.default), {})[r.target] = r
-    head = ["dtype", "launch", "config", *(f"sm_{t}: regs / spills / smem / dot" for t in
+        cells.setdefault((r.shape, r.precision, r.role, r.config, r.default), {})[r.target] = r
+    head = ["shape", "dtype", "launch", "config", *(f"sm_{t}: regs / spills / smem / dot" for t in
                                                   targets), "status"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (prec, role, cfg, default), by_t in cells.items():
+    for (shape, prec, role, cfg, default), by_t in cells.items():
         res = [
             f"{x.regs} / {x.spill} / {x.smem / 1024:.0f} KiB / {x.dot}"
             if (x := by_t.get(t))
@@ -300,7 +297,7 @@ def pivot(rows: list[Row]) -> str:
         ]
         status = "; ".join(dict.fromkeys(x.status for x in by_t.values()))
         name = role + (" (default)" if default else "")
-        lines.append("| " + " | ".join([prec, name, cfg, *res, status]) + " |")
+        lines.append("| " + " | ".join([shape, prec, name, cfg, *res, status]) + " |")
     return "\n".join(lines)
 
 
