@@ -190,7 +190,11 @@ def _weight_grad_inputs(p: Problem, device, dtype):
 def test_weight_grad_matches_oracle(device, dtype, split, request):
     if split:
         request.getfixturevalue("force_row_split")
-    p = _on(make_problem(**BASE, dtype=dtype), device)
+    sizes = [52, 6, 0, 12]  # one dominant expert, one empty
+    p = _on(make_problem(E=4, K=96, N=80, R=40, group_sizes=sizes, ranks=[37, 0, 15, 26],
+                         dtype=dtype), device)  # fmt: skip
+    chunk = tc.rows_per_chunk(70, 4, 40 * 96, 4)
+    assert (chunk < max(sizes)) == split, f"chunk {chunk}: the split must happen iff forced"
     gy, u, gb = _weight_grad_inputs(p, device, dtype)
     out = ti.weight_grad(gy, p.x, u, gb, p.ranks, p.offsets, p.scale, True, True, True)
     assert [o.dtype for o in out] == [dtype] * 3
@@ -233,6 +237,30 @@ def test_weight_grad_missing_inputs_raise(device):
         ti.weight_grad(gy, p.x, u, None, p.ranks, p.offsets, p.scale, True, False, False)
     with pytest.raises(ValueError, match="needs u"):
         ti.weight_grad(gy, p.x, None, gb, p.ranks, p.offsets, p.scale, False, True, False)
+
+
+PRIMITIVE_EDGES = {
+    "empty-groups": dict(group_sizes=[30, 0, 0, 25, 0], ranks=[20, 40, 7, 17, 3]),
+    "rank-zero-everywhere": dict(group_sizes=[20, 0, 12, 9, 4], ranks=[0, 0, 0, 0, 0]),
+    "rank-r-everywhere": dict(group_sizes=[20, 7, 12, 0, 16], ranks=[40, 40, 40, 40, 40]),
+    "single-token": dict(group_sizes=[0, 0, 1, 0, 0], ranks=[3, 40, 21, 0, 5]),
+    "no-tokens": dict(group_sizes=[0, 0, 0, 0, 0], ranks=[4, 0, 40, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("case", list(PRIMITIVE_EDGES), ids=list(PRIMITIVE_EDGES))
+def test_primitives_on_edge_cases_match_oracle(device, case, force_row_split):
+    p = _on(make_problem(E=5, K=96, N=80, R=40, **PRIMITIVE_EDGES[case]), device)
+    s = p.scale
+    u = ti.shrink(p.x, p.lora_a, p.ranks, p.offsets)
+    _check("u", u, oracle_shrink, (p.x, p.lora_a, p.ranks, p.offsets), torch.float32)
+    y = ti.base_expand(p.x, p.w, u, p.lora_b, p.ranks, p.offsets, s)
+    _check("y", y, oracle_base_expand, (p.x, p.w, u, p.lora_b, p.ranks, p.offsets, s),
+           torch.float32)  # fmt: skip
+    gy, _, gb = _weight_grad_inputs(p, device, torch.float32)
+    out = ti.weight_grad(gy, p.x, u, gb, p.ranks, p.offsets, s, True, True, True)
+    _check("dA,dB,dW", out, oracle_weight_grad, (gy, p.x, u, gb, p.ranks, p.offsets, s),
+           torch.float32)  # fmt: skip
 
 
 # ---------------------------------------------------------------- inactive slots (NaN-poisoned)
