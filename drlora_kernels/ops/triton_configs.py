@@ -46,6 +46,9 @@ GROUP_M = 8
 #: Per-block shared memory opt-in limits (cudaDevAttrMaxSharedMemoryPerBlockOptin) of the
 #: targets the gate checks: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
+#: The smallest limit every site keeps a config for: 99 KiB, the sm_86/sm_89 GPUs (A10, L4,
+#: RTX 3090/4090); the last config of each table is that fallback where the others exceed it.
+SMALL_SMEM_LIMIT = 101376
 #: A config whose fp32 accumulator needs more registers per thread than this is pruned
 #: (255 is the hardware limit; operands, pipelined loads, addresses and masks need the rest:
 #: the gate saw 128x256 tiles on 8 warps, 128 accumulator registers, spill on sm_80 and sm_90).
@@ -136,11 +139,13 @@ CONFIGS: dict[str, dict[str, list[TileConfig]]] = {
             _cfg(4, 4, BLOCK_M=64, BLOCK_J=128, BLOCK_I=64, BLOCK_R=32),
             _cfg(4, 4, BLOCK_M=128, BLOCK_J=64, BLOCK_I=64, BLOCK_R=32),
             _cfg(8, 4, BLOCK_M=128, BLOCK_J=128, BLOCK_I=64, BLOCK_R=64),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_J=64, BLOCK_I=64, BLOCK_R=32),
         ],
         "tf32": [
             _cfg(8, 3, BLOCK_M=128, BLOCK_J=128, BLOCK_I=32, BLOCK_R=32),
             _cfg(4, 4, BLOCK_M=64, BLOCK_J=128, BLOCK_I=32, BLOCK_R=32),
             _cfg(4, 4, BLOCK_M=128, BLOCK_J=64, BLOCK_I=32, BLOCK_R=32),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_J=64, BLOCK_I=32, BLOCK_R=32),
         ],
         "fp32": [
             _cfg(8, 3, BLOCK_M=64, BLOCK_J=128, BLOCK_I=16, BLOCK_R=16),
@@ -166,6 +171,7 @@ CONFIGS: dict[str, dict[str, list[TileConfig]]] = {
             _cfg(4, 3, BLOCK_I=128, BLOCK_J=64, BLOCK_M=64),
             _cfg(4, 4, BLOCK_I=64, BLOCK_J=64, BLOCK_M=64),
             _cfg(8, 3, BLOCK_I=256, BLOCK_J=64, BLOCK_M=32),
+            _cfg(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_M=32),
         ],
         "tf32": [
             _cfg(4, 3, BLOCK_I=128, BLOCK_J=64, BLOCK_M=32),
@@ -179,10 +185,12 @@ CONFIGS: dict[str, dict[str, list[TileConfig]]] = {
             _cfg(8, 3, BLOCK_I=128, BLOCK_J=128, BLOCK_M=64),
             _cfg(8, 4, BLOCK_I=128, BLOCK_J=128, BLOCK_M=32),
             _cfg(4, 4, BLOCK_I=64, BLOCK_J=128, BLOCK_M=64),
+            _cfg(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_M=32),
         ],
         "tf32": [
             _cfg(8, 3, BLOCK_I=128, BLOCK_J=128, BLOCK_M=32),
             _cfg(4, 4, BLOCK_I=64, BLOCK_J=128, BLOCK_M=32),
+            _cfg(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_M=32),
         ],
         "fp32": [_cfg(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_M=32)],
         "fp64": [_cfg(4, 2, BLOCK_I=32, BLOCK_J=64, BLOCK_M=16)],

@@ -508,6 +508,13 @@ def test_every_default_config_fits_sm80_and_sm90_by_the_estimate():
                 assert kept[0] == tc.fit_rank_block(site, configs[0], 64), (site, prec, cc)
 
 
+def test_every_site_keeps_a_config_for_99_kib_gpus():
+    # sm_86 / sm_89 (A10, L4, RTX 3090/4090) allow 99 KiB per block: the pruner must leave one
+    for site, by_prec in tc.CONFIGS.items():
+        for prec in by_prec:
+            assert tc.candidates(site, prec, 128, tc.SMALL_SMEM_LIMIT), (site, prec)
+
+
 def test_prune_drops_configs_over_shared_memory_or_registers():
     big = tc._cfg(8, 4, BLOCK_I=256, BLOCK_J=256, BLOCK_M=128)
     assert tc.smem_estimate("weight_grad_w", big, "tf32") > tc.SMEM_LIMIT[90]
