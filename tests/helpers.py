@@ -144,18 +144,6 @@ def run_backward(
     )  # fmt: skip
 
 
-# Legacy: the old 14-argument backward contract. Only tests/ops/test_triton.py imports this
-# (with run_backward), until the Triton backend implements the three primitives: that file
-# is skipped until then; delete this together with its old version.
-def backward_args(p, grad_y, u, *, w=None, need_x=True, need_w=False, need_a=True, need_b=True,
-                  with_importance=False):  # fmt: skip
-    """Old contract (see the comment above)."""
-    return (
-        grad_y, p.x, w, p.lora_a, p.lora_b, u, p.ranks, p.offsets, p.scale,
-        need_x, need_w, need_a, need_b, with_importance,
-    )  # fmt: skip
-
-
 def pool_lora(pool, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The LoRA update of one ``RankPool`` on expert-sorted rows ``x`` (reference backend)."""
     from drlora_kernels.ops import grouped_lora
