@@ -186,7 +186,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .train.data import CORPORA
+    from .train.data import corpus_names
     from .train.models import SIZES
 
     g = p.add_argument_group("model and data")
@@ -205,11 +205,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=300,
         help="pre-training steps of a model built here (cached)",
     )
-    g.add_argument("--pretrain-corpus", default="stdlib", choices=sorted(CORPORA))
+    g.add_argument("--pretrain-corpus", default="stdlib", choices=corpus_names())
     g.add_argument(
         "--corpus",
         default="licenses",
-        choices=sorted(CORPORA),
+        choices=corpus_names(),
         help="fine-tuning corpus (if no --data)",
     )
     g.add_argument(

@@ -210,11 +210,19 @@ def _active_lora_parameters(handle) -> int:
 def make_optimizer(
     handle, params: list[nn.Parameter], cfg: FinetuneConfig
 ) -> torch.optim.Optimizer:
-    """``RankAwareAdamW`` over the trainable parameters (per-slot step counts for grown slots)."""
+    """``RankAwareAdamW`` over the trainable parameters (per-slot step counts for grown slots).
+
+    The config's ``new_slot_lr_scale`` / ``new_slot_lr_steps`` (an option beyond the paper)
+    go to the optimizer, which applies them from its per-slot step counts.
+    """
     from ..optim import RankAwareAdamW
 
     slots = handle.controller.slot_specs() if handle.controller is not None else None
-    return RankAwareAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, slots=slots)
+    drl = cfg.method_config()
+    return RankAwareAdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, slots=slots,
+        new_slot_lr_scale=drl.new_slot_lr_scale, new_slot_lr_steps=drl.new_slot_lr_steps,
+    )  # fmt: skip
 
 
 def prepare_finetune(model: nn.Module, cfg: FinetuneConfig) -> tuple[Any, torch.optim.Optimizer]:
@@ -253,12 +261,14 @@ def finetune(
     device="cpu",
     progress: bool = True,
     on_attach: Callable[[Any], None] | None = None,
+    initial_eval: bool = True,
 ) -> dict[str, Any]:
     """Attach DR-LoRA to ``model`` (in place), fine-tune it and return the run's record.
 
     The record holds the train-loss and held-out-loss curves, throughput
     (training tokens per second of wall time, evaluation excluded), peak memory,
-    the final rank statistics and the growth events.
+    the final rank statistics and the growth events. ``initial_eval=False`` skips
+    the evaluation of the base model at step 0 (the same for every method of a study).
     """
     handle, opt = prepare_finetune(model, cfg)
     if on_attach is not None:
@@ -266,7 +276,11 @@ def finetune(
     controller = handle.controller
 
     record: dict[str, Any] = {"method": cfg.method, "config": cfg.to_dict()}
-    eval_curve = [(0, evaluate(model, eval_blocks, batch_size=cfg.eval_batch_size, device=device))]
+    eval_curve = (
+        [(0, evaluate(model, eval_blocks, batch_size=cfg.eval_batch_size, device=device))]
+        if initial_eval
+        else []
+    )
     train_curve: list[tuple[int, float]] = []
     events: list[Any] = []
     train_seconds, tokens = 0.0, 0
@@ -295,7 +309,8 @@ def finetune(
                     )
                 )
             if progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{eval_curve[-1][1]:.3f}")
+                held_out = f"{eval_curve[-1][1]:.3f}" if eval_curve else "-"
+                bar.set_postfix(loss=f"{loss_value:.3f}", eval=held_out)
     final = eval_curve[-1][1]
     record.update(
         train_curve=train_curve,
