@@ -83,6 +83,8 @@ DEFAULT_LRS = (3e-3, 6e-3, 1e-2, 2e-2)
 BASELINE = "lora"
 RESULTS = "runs.jsonl"
 SETTINGS = "settings.json"
+#: flags added after a study of record started: the value its settings file implies
+ADDED_LATER = {"new_slot_lr_scale": 1.0, "new_slot_lr_steps": 0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,18 +124,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--r-max", type=int, default=16)
     g.add_argument("--p-grow", type=float, default=0.25)
     g.add_argument("--events", type=int, default=10, help="growth events of the paper schedule")
-    g.add_argument("--grow-until", type=_grow_until, default=0.25,
-                   help="drlora-until: step (int) or fraction of the run (float)")  # fmt: skip
+    from .cli import add_option_flags
+
+    add_option_flags(g, grow_until_default=0.25)  # --grow-until: the drlora-until variant
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/quality-v2")
     g.add_argument("--report", metavar="DIR", default=None,
                    help="only render DIR/quality.md from the finished runs in DIR")  # fmt: skip
     g.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (background runs)")
-
-
-def _grow_until(text: str) -> int | float:
-    return float(text) if any(c in text for c in ".eE") else int(text)
 
 
 # ---------------------------------------------------------------- the plan
@@ -312,7 +311,8 @@ class Study:
         self.args = args
         self.out = Path(args.output_dir)
         self.base = DRLoRAConfig(r_init=args.r_init, r_target=args.r_target, r_max=args.r_max,
-                                 p_grow=args.p_grow)  # fmt: skip
+                                 p_grow=args.p_grow, new_slot_lr_scale=args.new_slot_lr_scale,
+                                 new_slot_lr_steps=args.new_slot_lr_steps)  # fmt: skip
         self._splits: dict[str, Splits] = {}
         self._bases: dict[tuple[str, int], str] = {}
         if args.no_progress:  # a background run logs one line per run, no bars
@@ -401,7 +401,7 @@ class Study:
         path = self.out / SETTINGS
         now = self.settings()
         if path.is_file():
-            before = json.loads(path.read_text())
+            before = {**ADDED_LATER, **json.loads(path.read_text())}
             if before != json.loads(json.dumps(now)):
                 changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
                 raise ValueError(
@@ -423,7 +423,7 @@ class Study:
         records = load_records(self.out)
         done = {r["ident"] for r in records}
         total_steps = sum(k.steps for k in plan)
-        t_start, steps_done_here, steps_done = time.perf_counter(), 0, 0
+        t_start, steps_done_here, steps_done, run_seconds = time.perf_counter(), 0, 0, 0.0
         for i, key in enumerate(plan):
             lr = key.lr if key.lr is not None else best_lrs(records).get((key.steps, key.variant))
             if lr is None:
@@ -440,7 +440,8 @@ class Study:
             steps_done += key.steps
             steps_done_here += key.steps
             elapsed = time.perf_counter() - t_start
-            eta = elapsed / steps_done_here * (total_steps - steps_done)
+            run_seconds += rec["wall_seconds"]  # pre-training excluded: it is not per step
+            eta = run_seconds / steps_done_here * (total_steps - steps_done)
             log(f"[{i + 1}/{len(plan)}] {key.phase:>8} {key.steps:>4} {key.arch:>9} {key.corpus:>10} "
                 f"seed {key.seed} {key.variant:>12} lr {lr:<6g} val {rec['val_loss']:.4f} "
                 f"test {rec['test_loss']:.4f} ({rec['wall_seconds']:.0f} s; elapsed "
@@ -665,9 +666,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(write_report(Path(args.report)))
         return 0
-    study = Study(args)
     try:
         check_args(args)
+        study = Study(args)
         if not args.dry_run:
             study.check_settings()
     except ValueError as exc:
