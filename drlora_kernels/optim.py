@@ -23,7 +23,7 @@ after a growth event the new slots hold no gradient: they were inactive when it
 was computed. Counting that step would make their first real update
 ``~0.74 * lr`` instead of a true first step, and would weight-decay fresh ``A``
 rows once. :class:`RankAwareAdamW` therefore remembers the ranks of its previous
-step (``state["seen_ranks"]``, set at construction for the first step): the slots
+step (``state["seen_ranks"]``; for the first step, the ranks at construction): the slots
 active during this step's backward are exactly those, since ranks only change at
 growth events. A slot is updated iff it is active now **and** was then.
 (**choice**, rather than "growth after ``optimizer.step()``": the SPEC, the
@@ -308,8 +308,8 @@ class RankAwareAdamW(Optimizer):
 
     For a parameter listed in ``slots`` the state holds ``exp_avg``/``exp_avg_sq`` (parameter
     shape), ``step`` (`[E, R, 1]` for ``lora_A``, `[E, 1, R]` for ``lora_B``; fp32),
-    ``seen_ranks`` (the ranks of its previous step) and ``param_step`` (its number of
-    steps). Each step, only the slots that were active when the gradient was computed and
+    ``seen_ranks`` (the ranks of its previous step; before the first step, the ranks
+    at construction) and ``param_step`` (its number of steps). Each step, only the slots that were active when the gradient was computed and
     still are (``j < min(seen_ranks[e], ranks[e])``, ``ranks`` read live from the pool) have
     their step count incremented and get AdamW's update (decoupled weight decay, moment
     update, bias correction with their own step count); other slots keep value, moments and
@@ -384,11 +384,14 @@ class RankAwareAdamW(Optimizer):
             p: s for p, s in (slots or {}).items() if p in known
         }
         self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}
+        # The ranks the first step's gradient is computed with (see the module docstring).
+        # Kept outside self.state: a non-empty state before the first step would make
+        # torch.distributed.checkpoint skip its state initialisation.
+        self._initial_ranks: dict[torch.Tensor, torch.Tensor] = {}
         for p, spec in self.slots.items():
             self._check_layout(p, spec)
             self._shapes[p] = tuple(p.shape)
-            # The ranks the first step's gradient is computed with (see the module docstring).
-            self.state[p]["seen_ranks"] = spec.ranks.detach().clone()
+            self._initial_ranks[p] = spec.ranks.detach().clone()
 
     @staticmethod
     def _check_layout(p: torch.Tensor, spec: SlotSpec) -> None:
@@ -495,8 +498,7 @@ class RankAwareAdamW(Optimizer):
                 )  # fmt: skip
         return loss
 
-    @staticmethod
-    def _slot_item(p: torch.Tensor, state: dict, spec: SlotSpec) -> _SlotItem:
+    def _slot_item(self, p: torch.Tensor, state: dict, spec: SlotSpec) -> _SlotItem:
         """Local tensors of one slot parameter and the ranks its gradient was computed with."""
         step = _local(state["step"])
         device = _local(p).device
@@ -510,8 +512,8 @@ class RankAwareAdamW(Optimizer):
         if "param_step" not in state:
             state["param_step"] = torch.zeros((), device=device)
         seen = state.get("seen_ranks")
-        if seen is None:  # a state loaded from before seen_ranks existed: assume no growth since
-            seen = state["seen_ranks"] = spec.ranks.detach().clone()
+        if seen is None:  # the first step (or a state saved before seen_ranks existed)
+            seen = state["seen_ranks"] = self._initial_ranks.get(p, spec.ranks).detach().clone()
         if seen.device != spec.ranks.device or seen.dtype != spec.ranks.dtype:
             seen = state["seen_ranks"] = seen.to(spec.ranks.device, spec.ranks.dtype)
         if tuple(p.grad.shape) != tuple(p.shape):

@@ -517,3 +517,27 @@ def test_dtensor_shards_update_like_the_full_parameter(tmp_path):
             assert diffs.pop("changed") > 0, name  # the run did train
             for key, diff in diffs.items():
                 assert diff <= 1e-6, (rank, name, key, diff)
+
+
+def test_growth_before_the_first_step_is_not_counted_and_state_starts_empty():
+    """An event at step 0 (warmup_steps=0): the first gradient predates the new slots."""
+    pool = make_pool([2, 2, 2, 2])
+    opt = RankAwareAdamW(pool.parameters(), lr=1e-2, slots=pool_slot_specs(pool))
+    assert not opt.state  # torch.distributed.checkpoint initialises an empty state itself
+    set_grads([pool.lora_A, pool.lora_B], torch.Generator().manual_seed(0), pool_masks(pool))
+    reset_optimizer_state_for_slots(opt, pool, pool.grow([1], [3], seeds=[4]))
+    before = pool.lora_A[1, 2:5].detach().clone()
+    opt.step()
+    assert torch.equal(pool.lora_A[1, 2:5], before)  # not decayed, not counted
+    assert opt.state[pool.lora_A]["step"][1, 2:5, 0].tolist() == [0.0, 0.0, 0.0]
+    assert opt.state[pool.lora_A]["step"][1, :2, 0].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_distributed_checkpoint_initialises_the_state():
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    pool = make_pool([2, 0, 3, 5])
+    opt = RankAwareAdamW(pool.parameters(), lr=1e-2, slots=pool_slot_specs(pool))
+    _init_optim_state(opt)
+    assert set(opt.state[pool.lora_B]) >= {"exp_avg", "exp_avg_sq", "step", "seen_ranks"}
