@@ -156,17 +156,10 @@ class RunKey:
 
 
 def paper_schedule(steps: int, events: int = 10) -> dict[str, int]:
-    """The paper's proportions at ``steps``: warmup 3%, ``events`` events, buffer of one spacing.
+    """The paper's proportions at ``steps`` (:func:`~drlora_kernels.scheduler.paper_proportions`)."""
+    from .scheduler import paper_proportions
 
-    ``grow_every = floor((steps - warmup) / (events + 1))`` and ``buffer_steps = grow_every``
-    give exactly ``events`` events (SPEC Eq. 11) with a buffer of about 1/``events`` of the
-    growth span.
-    """
-    warmup = round(0.03 * steps)
-    grow_every = (steps - warmup) // (events + 1)
-    if grow_every < 1:
-        raise ValueError(f"{steps} steps are too few for {events} growth events")
-    return {"warmup_steps": warmup, "grow_every": grow_every, "buffer_steps": grow_every}
+    return paper_proportions(steps, events)
 
 
 def build_plan(args: argparse.Namespace) -> list[RunKey]:

@@ -49,7 +49,28 @@ from .config import (
 if TYPE_CHECKING:
     from .config import DRLoRAConfig
 
-__all__ = ["WARMUP_FRACTION", "GrowthSchedule"]
+__all__ = ["WARMUP_FRACTION", "GrowthSchedule", "paper_proportions"]
+
+
+def paper_proportions(total_steps: int, events: int = 10) -> dict[str, int]:
+    """``warmup_steps``, ``grow_every`` and ``buffer_steps`` in the paper's proportions.
+
+    Warmup 3% of the run, ``events`` growth events and a buffer of one event spacing
+    (about ``1 / events`` of the growth span): ``grow_every = floor((total_steps - warmup)
+    / (events + 1))``, ``buffer_steps = grow_every``. That gives exactly ``events`` events
+    (Eq. 11) whenever ``grow_every > events``, e.g. at 200 steps: warmup 6, every 17,
+    buffer 17; at 600: 18, 52, 52.
+
+    Raises:
+        ValueError: too few steps for ``events`` events.
+    """
+    total_steps = check_int("total_steps", total_steps, minimum=1)
+    events = check_int("events", events, minimum=1)
+    warmup = round(WARMUP_FRACTION * total_steps)
+    grow_every = (total_steps - warmup) // (events + 1)
+    if grow_every < 1:
+        raise ValueError(f"total_steps={total_steps} is too few for {events} growth events")
+    return {"warmup_steps": warmup, "grow_every": grow_every, "buffer_steps": grow_every}
 
 
 class GrowthSchedule:

@@ -72,7 +72,10 @@ def test_demo_writes_results_and_plots(tiny_run):
         assert rec["tokens_per_second_train"] > 0
     for png in ("loss_curves.png", "ranks_heatmap.png"):
         assert (run_dir / png).read_bytes()[:8] == PNG_MAGIC
-    assert (run_dir / "summary.txt").read_text().startswith("method")
+    summary = (run_dir / "summary.txt").read_text()
+    assert summary.startswith("method")
+    # the table states its settings: the study's LR and schedule (grow_until)
+    assert f"lr {spec.finetune.lr:g}" in summary and "grow_until 0.25" in summary
     for method in res["methods"]:
         assert (run_dir / "adapters" / method / "drlora_config.json").is_file()
     pre = res["pretraining"]

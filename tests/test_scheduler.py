@@ -278,3 +278,16 @@ def test_invalid_types_and_ranges(kwargs, error):
     base.update(kwargs)
     with pytest.raises(error, match=next(iter(kwargs))):
         GrowthSchedule(**base)
+
+
+@pytest.mark.parametrize("total", [200, 600, 3000, 37_997])
+def test_paper_proportions_give_ten_events_and_a_tenth_buffer(total):
+    from drlora_kernels.scheduler import paper_proportions
+
+    p = paper_proportions(total)
+    assert p["warmup_steps"] == round(0.03 * total) and p["buffer_steps"] == p["grow_every"]
+    s = GrowthSchedule(total, 16, 4, 8, 16, p_grow=0.25, **p)
+    assert s.num_events == 10
+    assert s.events[-1] + p["grow_every"] <= s.t_end  # the last event one spacing before the buffer
+    with pytest.raises(ValueError, match="too few"):
+        paper_proportions(10)
