@@ -308,10 +308,10 @@ class RankAwareAdamW(Optimizer):
 
     For a parameter listed in ``slots`` the state holds ``exp_avg``/``exp_avg_sq`` (parameter
     shape), ``step`` (`[E, R, 1]` for ``lora_A``, `[E, 1, R]` for ``lora_B``; fp32),
-    ``seen_ranks`` (the ranks of its previous step; before the first step, the ranks
-    at construction) and ``param_step`` (its number of steps). Each step, only the slots that were active when the gradient was computed and
-    still are (``j < min(seen_ranks[e], ranks[e])``, ``ranks`` read live from the pool) have
-    their step count incremented and get AdamW's update (decoupled weight decay, moment
+    ``seen_ranks`` (the ranks of its previous step; before the first step, the ranks at
+    construction) and ``param_step`` (its number of steps). Each step, only the slots that
+    were active when the gradient was computed and still are (``j < min(seen_ranks[e],
+    ranks[e])``, ``ranks`` read live from the pool) have their step count incremented and get AdamW's update (decoupled weight decay, moment
     update, bias correction with their own step count); other slots keep value, moments and
     count. Combined with :func:`reset_optimizer_state_for_slots` at a growth event, a newly
     activated slot's first update is a true first Adam step (``~ lr * sign(grad)`` for a
