@@ -89,10 +89,15 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+def check_type(name: str, value: Any, cls: type) -> Any:
+    """``value`` if it is an instance of ``cls``, else ``TypeError`` naming ``name``."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    return check_type(name, value, bool)
 
 
 def check_ranks(r_init: int, r_target: int, r_max: int) -> None:
@@ -162,12 +167,6 @@ def _target_modules(name: str, value: Any) -> tuple[str, ...]:
     return value
 
 
-def _extra(name: str, value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
-    return value
-
-
 #: field name -> rule(name, value) returning the (normalised) value or raising TypeError/ValueError
 FIELD_RULES: dict[str, Callable[[str, Any], Any]] = {
     "r_init": lambda n, v: check_int(n, v, minimum=0),
@@ -192,7 +191,7 @@ FIELD_RULES: dict[str, Callable[[str, Any], Any]] = {
     "target_modules": _target_modules,
     "seed": lambda n, v: check_int(n, v, minimum=0, maximum=2**63 - 1),
     "backend": lambda n, v: check_choice(n, v, BACKENDS),
-    "extra": _extra,
+    "extra": lambda n, v: check_type(n, v, dict),
 }
 
 
