@@ -546,11 +546,9 @@ def _grid_tables(rs: list[dict[str, Any]], steps: int) -> list[str]:
                 + " | " + " | ".join(_diff(_paired(by, keys, v, BASELINE)) for v in diffs) + " |"
             )  # fmt: skip
         keys = [(a, c, s) for a, c in cells for s in seeds]
-        out.append(
-            "| **all** | | " + " | ".join(_ms([by[k + (v,)] for k in keys if k + (v,) in by])
-                                         for v in head)
-            + " | " + " | ".join(f"**{_diff(_paired(by, keys, v, BASELINE))}**" for v in diffs)
-            + " |"
+        out.append(  # losses of different corpora do not pool; their paired differences do
+            "| **all** | | " + " | ".join("" for _ in head) + " | "
+            + " | ".join(f"**{_diff(_paired(by, keys, v, BASELINE))}**" for v in diffs) + " |"
         )  # fmt: skip
         out.append("")
     # Ablation table: every variant that ran, on the archs that ran the ablations.
@@ -560,21 +558,23 @@ def _grid_tables(rs: list[dict[str, Any]], steps: int) -> list[str]:
             a for a in archs if any(r["arch"] == a and r["variant"] in ablation for r in rs)
         ]
         keys = sorted({(r["arch"], r["corpus"], r["seed"]) for r in rs if r["arch"] in abl_archs})
+        corpora = sorted({k[1] for k in keys})
         out += [
-            f"### {steps} steps, ablations ({', '.join(abl_archs)}; all corpora and seeds): test "
-            "loss and paired differences (wins in brackets)",
+            f"### {steps} steps, ablations ({', '.join(abl_archs)}): test loss per corpus (mean ± "
+            "std over seeds) and paired differences over all corpora and seeds (wins in brackets)",
             "",
-            "| variant | test loss | − lora | − drlora | time-averaged rank |",
-            "|---|---|---|---|---|",
+            "| variant | " + " | ".join(corpora) + " | − lora | − drlora | time-averaged rank |",
+            "|---|" + "---|" * (len(corpora) + 3),
         ]
         tar: dict[str, list[float]] = {}
         for r in rs:
             if (r["arch"], r["corpus"], r["seed"]) in set(keys):
                 tar.setdefault(r["variant"], []).append(r["time_averaged_rank"])
         for v in (v for v in variants if v in tar):
-            vs = [by[k + (v,)] for k in keys if k + (v,) in by]
+            per_corpus = [_ms([by[k + (v,)] for k in keys if k[1] == c and k + (v,) in by])
+                          for c in corpora]  # fmt: skip
             out.append(
-                f"| {v} | {_ms(vs)} | "
+                f"| {v} | " + " | ".join(per_corpus) + " | "
                 f"{_diff(_paired(by, keys, v, BASELINE)) if v != BASELINE else ''} | "
                 f"{_diff(_paired(by, keys, v, 'drlora')) if v != 'drlora' else ''} | "
                 f"{statistics.fmean(tar[v]):.2f} |"
