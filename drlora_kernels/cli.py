@@ -183,6 +183,33 @@ def _resume_spec(args: argparse.Namespace, train_parser: argparse.ArgumentParser
     return spec
 
 
+def parse_grow_until(text: str) -> int | float:
+    """``--grow-until``: a step (``150``) or a fraction of the run (``0.25``)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a step (int) or a fraction of the run (float), got {text!r}"
+        ) from None
+
+
+def add_option_flags(g, *, grow_until_default=None) -> None:
+    """The options beyond the paper (DRLoRAConfig), shared by ``drlora train`` and ``quality``."""
+    g.add_argument(
+        "--grow-until", type=parse_grow_until, default=grow_until_default,
+        help="beyond the paper: allocate the whole budget by this step (int) or fraction of "
+        "the run (float); events spaced evenly from the warmup (default: the paper's schedule)",
+    )  # fmt: skip
+    g.add_argument(
+        "--new-slot-lr-scale", type=float, default=1.0,
+        help="beyond the paper: learning-rate multiplier of newly grown slots (RankAwareAdamW)",
+    )  # fmt: skip
+    g.add_argument(
+        "--new-slot-lr-steps", type=int, default=0,
+        help="how many updates of a newly grown slot get --new-slot-lr-scale",
+    )  # fmt: skip
+
+
 def _train_spec(args: argparse.Namespace):
     from .config import DRLoRAConfig
     from .train import loop
@@ -204,6 +231,9 @@ def _train_spec(args: argparse.Namespace):
         warmup_steps=args.warmup_steps,
         buffer_steps=args.buffer_steps,
         p_grow=args.p_grow,
+        grow_until=args.grow_until,
+        new_slot_lr_scale=args.new_slot_lr_scale,
+        new_slot_lr_steps=args.new_slot_lr_steps,
         beta=args.beta,
         gamma=args.gamma,
         allocation=args.allocation,
@@ -299,7 +329,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .train.data import CORPORA
+    from .train.data import corpus_names
     from .train.models import SIZES
 
     g = p.add_argument_group("model and data")
@@ -318,11 +348,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=300,
         help="pre-training steps of a model built here (cached)",
     )
-    g.add_argument("--pretrain-corpus", default="stdlib", choices=sorted(CORPORA))
+    g.add_argument("--pretrain-corpus", default="stdlib", choices=corpus_names())
     g.add_argument(
         "--corpus",
         default="licenses",
-        choices=sorted(CORPORA),
+        choices=corpus_names(),
         help="fine-tuning corpus (if no --data)",
     )
     g.add_argument(
@@ -342,6 +372,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=None, help="default 3%% of --steps")
     g.add_argument("--buffer-steps", type=int, default=20)
     g.add_argument("--p-grow", type=float, default=0.25)
+    add_option_flags(g)
     g.add_argument("--beta", type=float, default=0.9)
     g.add_argument("--gamma", type=float, default=1.2)
     g.add_argument("--allocation", default="per_layer", choices=["per_layer", "global"])

@@ -18,17 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .config import check_int, validate_field
 from .engines import Engine, LocalEngine
-
-SCALINGS = ("standard", "rslora")
 
 
 def lora_scale(alpha: float, r_target: int, scaling: str = "standard") -> float:
     """The fixed LoRA scale of SPEC.md: ``alpha / r_target`` (``alpha / sqrt(r_target)`` for rsLoRA)."""
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-    if r_target <= 0:
-        raise ValueError(f"r_target must be positive, got {r_target}")
+    validate_field("scaling", scaling)
+    validate_field("r_target", r_target)
     return alpha / (math.sqrt(r_target) if scaling == "rslora" else r_target)
 
 
@@ -100,20 +97,17 @@ class RankPool(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        # The rules of DRLoRAConfig (config.py), the one place hyperparameters are validated.
         for name, val in (
             ("num_experts", num_experts),
             ("in_features", in_features),
             ("out_features", out_features),
         ):
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if not isinstance(r_max, int) or r_max <= 0:
-            raise ValueError(f"r_max must be a positive int, got {r_max!r}")
-        if not isinstance(r_init, int) or not 0 <= r_init <= r_max:
-            raise ValueError(f"r_init must be an int in [0, r_max={r_max}], got {r_init!r}")
+            check_int(name, val, minimum=1)
+        r_max = validate_field("r_max", r_max)
+        r_init = check_int("r_init", r_init, minimum=0, maximum=r_max)
         r_target = r_init if r_target is None else r_target
-        if not 0 < r_target <= r_max:
-            raise ValueError(f"r_target must be in (0, r_max={r_max}], got {r_target}")
+        r_target = check_int("r_target", r_target, minimum=1, maximum=r_max)
         if init != "peft":
             raise ValueError(f"init must be 'peft', got {init!r}")
         self.num_experts, self.in_features, self.out_features = (

@@ -18,6 +18,16 @@ At the last event both the cap and the quota are lifted (SPEC step 5: every
 layer must end with exactly ``M * r_target`` active ranks; lifting only the cap
 would leave a shortfall whenever earlier events were cap-limited, e.g. when
 ``M * cap < Q``).
+
+Option beyond the paper, ``grow_until = U`` (a step, or a fraction of
+``total_steps`` rounded to a step; SPEC step 6): the same number of events
+``n = min(T_events, U - warmup_steps + 1)``, spaced evenly so the last one is at
+``U``::
+
+    events   = warmup_steps + floor(k * (U - warmup_steps) / (n - 1)),  k = 0 .. n - 1
+    Q        = ceil(M * (r_target - r_init) / n)
+
+(``n == 1``: one event at ``warmup_steps``). ``warmup_steps <= U < t_end`` is required.
 """
 
 from __future__ import annotations
@@ -28,20 +38,39 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ALLOCATIONS, RESETS
+from .config import (
+    WARMUP_FRACTION,
+    check_int,
+    check_ranks,
+    resolve_grow_until,
+    validate_field,
+)
 
 if TYPE_CHECKING:
     from .config import DRLoRAConfig
 
-WARMUP_FRACTION = 0.03  # SPEC: growth starts at 3% of the run unless warmup_steps is given
+__all__ = ["WARMUP_FRACTION", "GrowthSchedule", "paper_proportions"]
 
 
-def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
+def paper_proportions(total_steps: int, events: int = 10) -> dict[str, int]:
+    """``warmup_steps``, ``grow_every`` and ``buffer_steps`` in the paper's proportions.
+
+    Warmup 3% of the run, ``events`` growth events and a buffer of one event spacing
+    (about ``1 / events`` of the growth span): ``grow_every = floor((total_steps - warmup)
+    / (events + 1))``, ``buffer_steps = grow_every``. That gives exactly ``events`` events
+    (Eq. 11) whenever ``grow_every > events``, e.g. at 200 steps: warmup 6, every 17,
+    buffer 17; at 600: 18, 52, 52.
+
+    Raises:
+        ValueError: too few steps for ``events`` events.
+    """
+    total_steps = check_int("total_steps", total_steps, minimum=1)
+    events = check_int("events", events, minimum=1)
+    warmup = round(WARMUP_FRACTION * total_steps)
+    grow_every = (total_steps - warmup) // (events + 1)
+    if grow_every < 1:
+        raise ValueError(f"total_steps={total_steps} is too few for {events} growth events")
+    return {"warmup_steps": warmup, "grow_every": grow_every, "buffer_steps": grow_every}
 
 
 class GrowthSchedule:
@@ -64,11 +93,18 @@ class GrowthSchedule:
         module_targets: optional ``[L][M]`` per-module ``r_target`` (the config's ``rank_pattern``):
             the budget of a row is the sum of its modules' targets instead of ``M * r_target``,
             and its quota ``ceil((budget - sum of min(r_init, target)) / T_events)``.
+        grow_until: ``None`` (the paper's schedule), or the step (``int``) / fraction of
+            ``total_steps`` (``float``) by which the whole budget is allocated.
+
+    The hyperparameters are validated by the rules of
+    :class:`~drlora_kernels.config.DRLoRAConfig` (:func:`~drlora_kernels.config.validate_field`).
 
     Raises:
+        TypeError: a non-integer step count or rank.
         ValueError: ``r_init > r_target``, ``r_target > r_max``, a non-positive size, an unknown
-            ``allocation``/``reset``, or (when ranks must grow) no event fits before
-            ``total_steps - buffer_steps``.
+            ``allocation``/``reset``, (when ranks must grow) no event fits before
+            ``total_steps - buffer_steps``, or ``grow_until`` before ``warmup_steps`` or
+            inside the buffer.
 
     The uniform baseline (``r_init == r_target``) has no events and never raises for lack of them.
 
@@ -93,32 +129,23 @@ class GrowthSchedule:
         allocation: str = "per_layer",
         reset: str = "grown",
         module_targets=None,
+        grow_until: int | float | None = None,
     ) -> None:
-        self.total_steps = _positive_int("total_steps", total_steps)
-        self.num_modules = _positive_int("num_modules", num_modules)
-        self.r_init = _positive_int("r_init", r_init, allow_zero=True)
-        self.r_target = _positive_int("r_target", r_target)
-        self.r_max = _positive_int("r_max", r_max)
-        self.grow_every = _positive_int("grow_every", grow_every)
-        self.buffer_steps = _positive_int("buffer_steps", buffer_steps, allow_zero=True)
+        self.total_steps = check_int("total_steps", total_steps, minimum=1)
+        self.num_modules = check_int("num_modules", num_modules, minimum=1)
+        self.r_init = validate_field("r_init", r_init)
+        self.r_target = validate_field("r_target", r_target)
+        self.r_max = validate_field("r_max", r_max)
+        check_ranks(self.r_init, self.r_target, self.r_max)
+        self.grow_every = validate_field("grow_every", grow_every)
+        self.buffer_steps = validate_field("buffer_steps", buffer_steps)
         if warmup_steps is None:
             warmup_steps = round(WARMUP_FRACTION * total_steps)
-        self.warmup_steps = _positive_int("warmup_steps", warmup_steps, allow_zero=True)
-        if r_init > r_target:
-            raise ValueError(f"r_init ({r_init}) must not exceed r_target ({r_target})")
-        if r_target > r_max:
-            raise ValueError(
-                f"r_target ({r_target}) must not exceed r_max ({r_max}): M * r_target is not reachable"
-            )
-        if not 0.0 < float(p_grow) <= 1.0:
-            raise ValueError(f"p_grow must be in (0, 1], got {p_grow}")
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-        if reset not in RESETS:
-            raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
-        self.p_grow = float(p_grow)
-        self.allocation = allocation
-        self.reset = reset
+        self.warmup_steps = validate_field("warmup_steps", warmup_steps)
+        self.p_grow = validate_field("p_grow", p_grow)
+        self.allocation = validate_field("allocation", allocation)
+        self.reset = validate_field("reset", reset)
+        self.grow_until = resolve_grow_until(grow_until, self.total_steps)
         self.t_end = total_steps - buffer_steps
         self.cap = math.floor((r_max - r_init) * self.p_grow)
 
@@ -143,11 +170,14 @@ class GrowthSchedule:
                 f"total_steps - buffer_steps = {self.t_end} leave no step for growth "
                 f"(need total_steps >= warmup_steps + grow_every + buffer_steps)"
             )
-        self.events = [self.warmup_steps + k * grow_every for k in range(n_events)]
-        self.quota = math.ceil(num_modules * (r_target - r_init) / n_events)
+        if self.grow_until is None:
+            self.events = [self.warmup_steps + k * grow_every for k in range(n_events)]
+        else:
+            self.events = self._events_until(n_events)
+        self.quota = math.ceil(num_modules * (r_target - r_init) / len(self.events))
         if self.module_targets is not None:
             grow_rows = (self.module_targets - self.module_targets.clamp(max=r_init)).sum(1)
-            self.row_quota = torch.ceil(grow_rows.double() / n_events).to(torch.int64)
+            self.row_quota = torch.ceil(grow_rows.double() / len(self.events)).to(torch.int64)
             self.quota = int(self.row_quota.max())
         if self.cap == 0 and n_events > 1:
             warnings.warn(
@@ -157,6 +187,20 @@ class GrowthSchedule:
                 stacklevel=2,
             )
         self._event_index = {s: k for k, s in enumerate(self.events)}
+
+    def _events_until(self, n_events: int) -> list[int]:
+        """``n_events`` (at most one per step) spaced evenly from ``warmup_steps`` to ``grow_until``."""
+        start, until = self.warmup_steps, self.grow_until
+        if not start <= until < self.t_end:
+            raise ValueError(
+                f"grow_until resolves to step {until}, which must lie in [warmup_steps={start}, "
+                f"total_steps - buffer_steps = {self.t_end}): growth starts at warmup_steps and "
+                "no event may fall in the buffer"
+            )
+        n = min(n_events, until - start + 1)
+        if n == 1:
+            return [start]
+        return [start + (k * (until - start)) // (n - 1) for k in range(n)]
 
     @classmethod
     def from_config(
@@ -177,6 +221,7 @@ class GrowthSchedule:
             allocation=cfg.allocation,
             reset=cfg.reset,
             module_targets=module_targets,
+            grow_until=cfg.grow_until,
         )
 
     @property
@@ -278,7 +323,8 @@ class GrowthSchedule:
             f"GrowthSchedule(total_steps={self.total_steps}, M={self.num_modules}, "
             f"r {self.r_init}->{self.r_target} (max {self.r_max}), events={self.num_events} "
             f"[{self.events[0] if self.events else '-'}..{self.events[-1] if self.events else '-'}], "
-            f"Q={self.quota}, cap={self.cap}, allocation={self.allocation!r})"
+            f"Q={self.quota}, cap={self.cap}, allocation={self.allocation!r}"
+            + (f", grow_until={self.grow_until})" if self.grow_until is not None else ")")
         )
 
 

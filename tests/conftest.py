@@ -38,6 +38,14 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops are fastest (and timing-stable) on one thread; restore torch's setting afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if _HAS_CUDA else "cpu")

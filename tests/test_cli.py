@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import statistics
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ from drlora_kernels.train.masked import MaskedGroupedLoRALinear, use_masked_comp
 from drlora_kernels.train.pipeline import demo_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny ops are fastest (and timing-stable) on one thread; restore torch's setting afterwards."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def _run_demo(run_dir: Path, seed: int = 0) -> dict:
@@ -81,7 +72,10 @@ def test_demo_writes_results_and_plots(tiny_run):
         assert rec["tokens_per_second_train"] > 0
     for png in ("loss_curves.png", "ranks_heatmap.png"):
         assert (run_dir / png).read_bytes()[:8] == PNG_MAGIC
-    assert (run_dir / "summary.txt").read_text().startswith("method")
+    summary = (run_dir / "summary.txt").read_text()
+    assert summary.startswith("method")
+    # the table states its settings: the study's LR and schedule (grow_until)
+    assert f"lr {spec.finetune.lr:g}" in summary and "grow_until 0.25" in summary
     for method in res["methods"]:
         assert (run_dir / "adapters" / method / "drlora_config.json").is_file()
     pre = res["pretraining"]
@@ -205,6 +199,23 @@ def test_train_config_file_sets_defaults_and_flags_win(tmp_path):
     assert args.method == ["drlora", "lora"]
 
 
+def test_train_options_beyond_the_paper(capsys):
+    from drlora_kernels.cli import _train_spec
+
+    parser, _ = build_parser()
+    drl = lambda *a: _train_spec(parser.parse_args(["train", *a])).finetune.drlora  # noqa: E731
+    assert drl().grow_until is None and drl().new_slot_lr_scale == 1.0  # the paper by default
+    assert drl("--grow-until", "0.25").grow_until == 0.25  # a fraction of the run
+    assert drl("--grow-until", "150").grow_until == 150  # a step
+    cfg = drl("--new-slot-lr-scale", "2", "--new-slot-lr-steps", "20")
+    assert (cfg.new_slot_lr_scale, cfg.new_slot_lr_steps) == (2.0, 20)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--grow-until", "soon"])
+    assert "step (int) or a fraction" in capsys.readouterr().err
+    assert main(["train", "--new-slot-lr-scale", "2", "--no-progress"]) == 2  # no steps: refused
+    assert "new_slot_lr_steps" in capsys.readouterr().err
+
+
 def test_train_rejects_bad_config_and_model(tmp_path, capsys):
     cfg = tmp_path / "bad.cfg"
     cfg.write_text("learning_rate_typo = 3\n")
@@ -253,27 +264,3 @@ def test_train_a_local_checkpoint_with_its_tokenizer(tmp_path, one_thread, capsy
     assert m is not None and 150 <= int(m[1]) + int(m[2]) <= 6030 // 33
     # the budget holds at the end: every module's mean rank is r_target
     assert res["methods"]["drlora"]["rank_stats"]["mean"] == pytest.approx(4.0)
-
-
-def test_quality_study_writes_table_and_records(tmp_path, one_thread):
-    out = tmp_path / "q"
-    argv = ["quality", "--archs", "olmoe", "--corpora", "licenses", "--seeds", "0", "1"]
-    argv += ["--variants", "lora", "drlora", "--size", "tiny", "--pretrain-steps", "2"]
-    argv += ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--r-init", "2"]
-    argv += ["--r-target", "4", "--r-max", "8", "--grow-every", "2", "--warmup-steps", "1"]
-    argv += ["--buffer-steps", "1", "--output-dir", str(out), "--no-progress", "--threads", "1"]
-    assert main(argv) == 0
-    rec = json.loads((out / "quality.json").read_text())
-    assert rec["environment"]["torch_threads"] == 1
-    runs = rec["runs"]
-    assert sorted((r["seed"], r["variant"]) for r in runs) == [
-        (0, "drlora"), (0, "lora"), (1, "drlora"), (1, "lora"),
-    ]  # fmt: skip
-    assert all(math.isfinite(r["eval_loss"]) for r in runs)
-    table = (out / "quality.md").read_text()
-    mean = {
-        v: statistics.mean(r["eval_loss"] for r in runs if r["variant"] == v)
-        for v in ("lora", "drlora")
-    }
-    assert f"| olmoe | licenses | {mean['lora']:.4f}" in table
-    assert "paired runs" in table

@@ -198,3 +198,96 @@ def test_allocate_rejects_bad_input():
         s.allocate(torch.rand(1, 4), torch.tensor([[9, 0, 0, 0]]), last_event=False)
     with pytest.raises(TypeError, match="ranks"):
         s.allocate(torch.rand(1, 4), ok.float(), last_event=False)
+
+
+# ---------------------------------------------------------------- grow_until (beyond the paper)
+
+SHORT = dict(total_steps=200, num_modules=16, r_init=4, r_target=8, r_max=16)
+SHORT_KW = dict(warmup_steps=10, grow_every=20, buffer_steps=20, p_grow=0.25)
+
+
+def test_grow_until_spaces_the_papers_events_to_fit():
+    paper = GrowthSchedule(**SHORT, **SHORT_KW)
+    assert paper.events == [10, 30, 50, 70, 90, 110, 130, 150] and paper.quota == 8
+    s = GrowthSchedule(**SHORT, **SHORT_KW, grow_until=45)
+    assert s.grow_until == 45
+    assert s.events == [10, 15, 20, 25, 30, 35, 40, 45]  # 8 events, (45 - 10) / 7 = 5 apart
+    assert s.quota == paper.quota and s.cap == paper.cap
+    # A fraction of total_steps: step round(0.25 * 200) = 50; floor(k * 40 / 7) after step 10.
+    f = GrowthSchedule(**SHORT, **SHORT_KW, grow_until=0.25)
+    assert f.grow_until == 50
+    assert f.events == [10, 15, 21, 27, 32, 38, 44, 50]
+
+
+def test_grow_until_with_fewer_steps_than_events_grows_every_step():
+    s = GrowthSchedule(**SHORT, **SHORT_KW, grow_until=13)
+    assert s.events == [10, 11, 12, 13]
+    assert s.quota == math.ceil(16 * 4 / 4)
+    one = GrowthSchedule(**SHORT, **SHORT_KW, grow_until=10)
+    assert one.events == [10] and one.quota == 64
+
+
+@pytest.mark.parametrize("until", [12, 45, 0.5, 179, 1 / 3])
+def test_grow_until_allocates_the_whole_budget_by_then(until):
+    s = GrowthSchedule(**SHORT, **SHORT_KW, grow_until=until)
+    final, history = simulate(s, num_layers=2, seed=3)
+    assert history[-1][0] == s.grow_until and all(step <= s.grow_until for step, _, _ in history)
+    assert (final.sum(dim=1) == 16 * 8).all()
+    steps = [step for step, _, _ in history]
+    assert steps == sorted(set(steps))  # distinct, increasing
+
+
+def test_grow_until_from_config_and_uniform():
+    cfg = DRLoRAConfig(r_init=4, r_target=8, r_max=16, grow_until=0.25, **SHORT_KW)
+    s = GrowthSchedule.from_config(cfg, 200, 16)
+    assert s.events[-1] == 50 and "grow_until=50" in repr(s)
+    assert GrowthSchedule(200, 16, 8, 8, 16, grow_until=5).events == []  # nothing to grow
+
+
+@pytest.mark.parametrize(
+    "until,error,match",
+    [
+        (5, ValueError, "warmup_steps=10"),  # before growth starts
+        (180, ValueError, "buffer"),  # t_end = 180: inside the buffer
+        (0.95, ValueError, "buffer"),
+        (0, ValueError, "grow_until"),
+        (1.5, ValueError, "grow_until"),
+        (-0.1, ValueError, "grow_until"),
+        (True, TypeError, "grow_until"),
+        ("50", TypeError, "grow_until"),
+    ],
+)
+def test_grow_until_rejects(until, error, match):
+    with pytest.raises(error, match=match):
+        GrowthSchedule(**SHORT, **SHORT_KW, grow_until=until)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(total_steps=300.0), TypeError),
+        (dict(r_init=4.0), TypeError),
+        (dict(grow_every=True), TypeError),
+        (dict(buffer_steps=-1), ValueError),
+        (dict(warmup_steps=-1), ValueError),
+        (dict(p_grow=float("nan")), ValueError),
+    ],
+)
+def test_invalid_types_and_ranges(kwargs, error):
+    base = dict(total_steps=3000, num_modules=8, r_init=4, r_target=8, r_max=16)
+    base.update(kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        GrowthSchedule(**base)
+
+
+@pytest.mark.parametrize("total", [200, 600, 3000, 37_997])
+def test_paper_proportions_give_ten_events_and_a_tenth_buffer(total):
+    from drlora_kernels.scheduler import paper_proportions
+
+    p = paper_proportions(total)
+    assert p["warmup_steps"] == round(0.03 * total) and p["buffer_steps"] == p["grow_every"]
+    s = GrowthSchedule(total, 16, 4, 8, 16, p_grow=0.25, **p)
+    assert s.num_events == 10
+    assert s.events[-1] + p["grow_every"] <= s.t_end  # the last event one spacing before the buffer
+    with pytest.raises(ValueError, match="too few"):
+        paper_proportions(10)

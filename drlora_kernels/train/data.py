@@ -15,6 +15,7 @@ so the split never depends on the machine's file order or on randomness.
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -81,6 +82,26 @@ def _python_headers() -> list[str]:
     return glob.glob(os.path.join(sysconfig.get_paths()["include"], "**", "*.h"), recursive=True)
 
 
+def _man_pages() -> list[str]:
+    return glob.glob("/usr/share/man/man1/*.gz")  # gzipped troff, English section 1
+
+
+def _perl_modules() -> list[str]:
+    return glob.glob("/usr/share/perl/**/*.pm", recursive=True)
+
+
+def _doc_html() -> list[str]:
+    return glob.glob("/usr/share/doc/**/*.html", recursive=True)
+
+
+def _venv_rst() -> list[str]:
+    return glob.glob(os.path.join(_site_packages(), "**", "*.rst"), recursive=True)
+
+
+def _venv_stubs() -> list[str]:
+    return glob.glob(os.path.join(_site_packages(), "**", "*.pyi"), recursive=True)
+
+
 def _venv_python() -> list[str]:
     # Last-resort source present wherever this package is installed: its own dependencies' code.
     sp = _site_packages()
@@ -113,7 +134,35 @@ CORPORA: dict[str, tuple[str, tuple[tuple[str, Callable[[], list[str]]], ...]]] 
         "Python package METADATA (markdown/rst README text)",
         (("venv METADATA", _venv_metadata), ("venv dist-info licenses", _venv_licenses)),
     ),
+    "man": (
+        "man pages (troff markup)",
+        (("/usr/share/man/man1/*.gz", _man_pages), ("venv *.rst", _venv_rst)),
+    ),
+    "perl": (
+        "Perl modules (code with POD documentation)",
+        (("/usr/share/perl/**/*.pm", _perl_modules), ("venv *.pyi", _venv_stubs)),
+    ),
+    "html": (
+        "HTML documentation (markup)",
+        (("/usr/share/doc/**/*.html", _doc_html), ("venv *.rst", _venv_rst)),
+    ),
 }
+
+#: mixed-domain corpora: name -> (description, parts); each part gets an equal share of
+#: the bytes and the parts' documents are interleaved round-robin, so every stretch of
+#: the stream (and of the held-out split) holds several kinds of text.
+MIXTURES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mixed": (
+        "mixed domains: licenses, copyright files, C/C++ headers, man pages, Perl, HTML, "
+        "package READMEs, documents interleaved",
+        ("licenses", "copyright", "c-headers", "man", "perl", "html", "metadata"),
+    ),
+}
+
+
+def corpus_names() -> list[str]:
+    """Every name :func:`load_corpus` accepts."""
+    return sorted([*CORPORA, *MIXTURES])
 
 
 @dataclass(frozen=True)
@@ -141,9 +190,9 @@ def _read_files(
             continue
         seen.add(real)
         try:
-            with open(real, "rb") as fh:
+            with (gzip.open if real.endswith(".gz") else open)(real, "rb") as fh:
                 data = fh.read(max_file_bytes)
-        except OSError:
+        except (OSError, EOFError):  # gzip.BadGzipFile is an OSError
             continue
         if not data.strip() or b"\x00" in data:
             continue  # empty or binary
@@ -163,11 +212,16 @@ def load_corpus(
     Files are read in sorted path order; a source with fewer than ``min_bytes``
     bytes is skipped for the next candidate.
 
+    A mixture (:data:`MIXTURES`) loads each part with an equal share of ``max_bytes``
+    and interleaves the parts' documents round-robin.
+
     Raises:
         ValueError: unknown ``name``, or no candidate source has ``min_bytes`` of text.
     """
+    if name in MIXTURES:
+        return _load_mixture(name, max_bytes, min_bytes, max_file_bytes)
     if name not in CORPORA:
-        raise ValueError(f"corpus must be one of {sorted(CORPORA)}, got {name!r}")
+        raise ValueError(f"corpus must be one of {corpus_names()}, got {name!r}")
     tried = []
     for source, finder in CORPORA[name][1]:
         files, docs = _read_files(finder(), max_bytes, max_file_bytes)
@@ -178,6 +232,23 @@ def load_corpus(
     raise ValueError(
         f"corpus {name!r}: no source has {min_bytes} bytes of text ({'; '.join(tried)})"
     )
+
+
+def _load_mixture(name: str, max_bytes: int, min_bytes: int, max_file_bytes: int) -> Corpus:
+    parts = MIXTURES[name][1]
+    share = max_bytes // len(parts)
+    loaded = [
+        load_corpus(p, max_bytes=share, min_bytes=min(min_bytes, share), max_file_bytes=share)
+        for p in parts
+    ]
+    files, docs = [], []
+    for i in range(max(len(c.documents) for c in loaded)):
+        for c in loaded:
+            if i < len(c.documents):
+                files.append(c.files[i])
+                docs.append(c.documents[i])
+    source = " + ".join(f"{p}: {c.source}" for p, c in zip(parts, loaded))
+    return Corpus(name, source, tuple(files), tuple(docs))
 
 
 def load_text_files(paths: list[str], *, max_bytes: int = 4_000_000) -> Corpus:

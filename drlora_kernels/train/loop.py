@@ -215,11 +215,19 @@ def _active_lora_parameters(handle) -> int:
 def make_optimizer(
     handle, params: list[nn.Parameter], cfg: FinetuneConfig
 ) -> torch.optim.Optimizer:
-    """``RankAwareAdamW`` over the trainable parameters (per-slot step counts for grown slots)."""
+    """``RankAwareAdamW`` over the trainable parameters (per-slot step counts for grown slots).
+
+    The config's ``new_slot_lr_scale`` / ``new_slot_lr_steps`` (an option beyond the paper)
+    go to the optimizer, which applies them from its per-slot step counts.
+    """
     from ..optim import RankAwareAdamW
 
     slots = handle.controller.slot_specs() if handle.controller is not None else None
-    return RankAwareAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, slots=slots)
+    drl = cfg.method_config()
+    return RankAwareAdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, slots=slots,
+        new_slot_lr_scale=drl.new_slot_lr_scale, new_slot_lr_steps=drl.new_slot_lr_steps,
+    )  # fmt: skip
 
 
 def prepare_finetune(model: nn.Module, cfg: FinetuneConfig) -> tuple[Any, torch.optim.Optimizer]:
@@ -283,6 +291,7 @@ def finetune(
     checkpoint_dir=None,
     checkpoint_every: int = 0,
     parallel=None,
+    initial_eval: bool = True,
 ) -> dict[str, Any]:
     """Attach DR-LoRA to ``model`` (in place), fine-tune it and return the run's record.
 
@@ -294,7 +303,8 @@ def finetune(
 
     With ``checkpoint_dir``, the loop's whole state is saved there every ``checkpoint_every``
     steps, and a run that finds a checkpoint there continues from it (``.resume``): the same
-    result as an uninterrupted run (single process only).
+    result as an uninterrupted run (single process only). ``initial_eval=False`` skips the evaluation of the base
+    model at step 0 (the same for every method of a study).
     """
     from . import resume
 
@@ -323,7 +333,7 @@ def finetune(
     record: dict[str, Any] = {"method": cfg.method, "config": cfg.to_dict()}
     if restored is not None:
         record["resumed_at_step"] = state.step
-    else:
+    elif initial_eval:
         state.eval_curve.append(
             (0, evaluate(model, eval_blocks, batch_size=cfg.eval_batch_size, device=device))
         )
@@ -363,7 +373,8 @@ def finetune(
             ):
                 resume.save_finetune(checkpoint_dir, handle, opt, state)
             if progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{state.eval_curve[-1][1]:.3f}")
+                held_out = f"{state.eval_curve[-1][1]:.3f}" if state.eval_curve else "-"
+                bar.set_postfix(loss=f"{loss_value:.3f}", eval=held_out)
     final = state.eval_curve[-1][1]
     record.update(
         train_curve=state.train_curve,

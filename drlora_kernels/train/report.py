@@ -40,6 +40,27 @@ def format_table(results: dict[str, dict[str, Any]], baseline: str = "lora") -> 
     return "\n".join(lines)
 
 
+def format_settings(finetune) -> str:
+    """One line: the fine-tuning settings a comparison table was made with.
+
+    Args:
+        finetune: the :class:`~drlora_kernels.train.loop.FinetuneConfig` of the runs.
+    """
+    from ..pool import lora_scale
+
+    d = finetune.drlora
+    scale = lora_scale(d.alpha, d.r_target, d.scaling)
+    until = "" if d.grow_until is None else f", grow_until {d.grow_until}"
+    warmup = d.warmup_steps if d.warmup_steps is not None else "3%"
+    return (
+        f"settings: {finetune.steps} steps x batch {finetune.batch_size} x {finetune.seq_len} "
+        f"tokens, lr {finetune.lr:g} (cosine, {finetune.warmup} warmup steps); DR-LoRA ranks "
+        f"{d.r_init} -> {d.r_target} (r_max {d.r_max}), growth from step {warmup} every "
+        f"{d.grow_every}, buffer {d.buffer_steps}, p_grow {d.p_grow:g}{until}; LoRA at rank "
+        f"{d.r_target}; alpha {d.alpha:g} (scale {scale:g})"
+    )
+
+
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON (non-finite floats become ``null``)."""
 

@@ -36,7 +36,7 @@ def _expect_error(fn, *args, **kwargs) -> str:
 def _rank_aware() -> dict | str:
     try:
         return workload.run("fsdp2", optimizer="rank_aware")
-    except Exception as exc:  # reported by the (xfail) test, keeps this spawn alive
+    except Exception as exc:  # reported by the test, keeps this spawn alive
         return f"{type(exc).__name__}: {exc}"
 
 
@@ -138,12 +138,9 @@ def test_fsdp2_other_placements(tmp_path, reference):
         workload.assert_same_run(r0[placement], reference["main"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RankAwareAdamW is not shard-aware on this branch (helper 17 makes SlotSpec work on "
-    "p.to_local() with ranks sliced to the local experts); flips when that lands",
-)
 def test_fsdp2_rank_aware_adamw(runs):
+    """RankAwareAdamW on FSDP2 shards (its slots on ``p.to_local()``, ranks sliced to the local
+    experts) trains exactly as one process does."""
     r0, r1 = (r["fsdp2-rank-aware"] for r in runs)
     assert not isinstance(r0, str), r0  # the error RankAwareAdamW raised under FSDP2
     single = workload.run("none", optimizer="rank_aware")
