@@ -159,9 +159,10 @@ def check_trainer_runs(out: Path, stage: int, reference: dict) -> None:
         assert [x for x in run["logged_ranks"] if x is not None][-1] == 4.0
     assert not reference["engine_driven"]
     if stage == 3:
-        # Same decisions as one process from the same (gathered) initial weights; the weights
-        # themselves drift by up to ~3e-2 here (unexplained: the plain ZeRO-3 loop, leaf modules
-        # included, matches within 2e-5; see the README), so they are not compared.
+        # Same decisions as one process from the same (gathered) initial weights. The weights
+        # are not compared: ~1e-6 router differences (gradient sums over two processes) flip
+        # one token's top-2 choice at a near-tie in step 4, and Adam carries that on (up to
+        # ~3e-2 after 6 steps; traced in the README, "DeepSpeed ZeRO").
         strip = lambda evs: [{k: v for k, v in e.items() if k != "saliency"} for e in evs]
         assert strip(r0["full"]["events"]) == strip(reference["events"])
         assert torch.equal(r0["full"]["ranks"], reference["ranks"])
