@@ -180,8 +180,8 @@ def build_plan(args: argparse.Namespace) -> list[RunKey]:
     grids = [("main", steps, args.archs if i == 0 else args.short_archs, args.main_variants)
              for i, steps in enumerate(args.steps)]  # fmt: skip
     grids.append(("ablation", args.steps[0], args.ablation_archs, args.ablation_variants))
-    for phase, steps, archs, variants in grids:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for phase, steps, archs, variants in grids:
             for arch in archs:
                 for corpus in args.corpora:
                     for variant in variants:
