@@ -210,12 +210,25 @@ def add_option_flags(g, *, grow_until_default=None) -> None:
     )  # fmt: skip
 
 
+def _optimizer(args: argparse.Namespace) -> str:
+    """``--optimizer``, defaulting to ``adamw`` under ZeRO (its partitions) and to
+    ``rank_aware_adamw`` elsewhere."""
+    if args.optimizer is not None:
+        return args.optimizer
+    return "adamw" if (args.parallel or "").startswith("zero") else "rank_aware_adamw"
+
+
 def _train_spec(args: argparse.Namespace):
     from .config import DRLoRAConfig
     from .train import loop
     from .train.models import ARCHITECTURES
     from .train.pipeline import RunSpec
 
+    if (args.parallel or "").startswith("zero") and _optimizer(args) != "adamw":
+        raise ValueError(
+            f"--parallel {args.parallel} runs DeepSpeed ZeRO, which hands the optimizer flat "
+            "partitions that RankAwareAdamW cannot run on: use --optimizer adamw"
+        )
     is_arch = args.model in ARCHITECTURES
     if not is_arch and not os.path.isdir(args.model):
         raise ValueError(
@@ -244,7 +257,7 @@ def _train_spec(args: argparse.Namespace):
     )
     ft = loop.FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        eval_interval=args.eval_interval, seed=args.seed, drlora=drl, optimizer=args.optimizer,
+        eval_interval=args.eval_interval, seed=args.seed, drlora=drl, optimizer=_optimizer(args),
     )  # fmt: skip
     pre = loop.PretrainConfig(
         steps=args.pretrain_steps,
@@ -399,13 +412,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "native"])
     g.add_argument(
-        "--optimizer", default="rank_aware_adamw", choices=["rank_aware_adamw", "adamw"],
-        help="RankAwareAdamW (per-slot step counts) or torch.optim.AdamW",
+        "--optimizer", default=None, choices=["rank_aware_adamw", "adamw"],
+        help="RankAwareAdamW (per-slot step counts; the default) or torch.optim.AdamW (the "
+        "default, and the only choice, under --parallel zero1/zero2)",
     )  # fmt: skip
     g.add_argument(
-        "--parallel", default=None, choices=["ddp", "fsdp2"],
-        help="under torchrun: DistributedDataParallel (default) or FSDP2 fully_shard; the "
-        "global --batch-size is split over the processes",
+        "--parallel", default=None, choices=["ddp", "fsdp2", "zero1", "zero2"],
+        help="under torchrun: DistributedDataParallel (default), FSDP2 fully_shard, or "
+        "DeepSpeed ZeRO-1/2 (needs deepspeed); the global --batch-size is split over the "
+        "processes",
     )  # fmt: skip
     g.add_argument("--output-dir", default=DEFAULT_TRAIN_DIR)
     g.add_argument(

@@ -13,7 +13,12 @@ Engines (``--parallel``):
 * ``ddp``: :class:`torch.nn.parallel.DistributedDataParallel` (``find_unused_parameters=False``);
 * ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every decoder layer
   (``model._no_split_modules``), then the root, AFTER attaching DR-LoRA and before the
-  optimizer is built.
+  optimizer is built;
+* ``zero1`` / ``zero2``: DeepSpeed ZeRO stage 1 / 2 (the paper's engine) around
+  ``torch.optim.AdamW``: ``deepspeed.initialize`` after attaching, then
+  :func:`~drlora_kernels.engines.deepspeed.install_deepspeed_hooks`, so statistics and growth
+  run inside ``engine.step()`` on ZeRO's gradient partitions and fp32 master. ZeRO-3 needs the
+  model built under ``deepspeed.zero.Init`` and is left to the Trainer and plain-loop paths.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-PARALLEL = ("ddp", "fsdp2")
+PARALLEL = ("ddp", "fsdp2", "zero1", "zero2")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class DistributedRun:
 
     Attributes:
         world, rank, local_rank: torchrun's ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``.
-        parallel: ``"ddp"`` or ``"fsdp2"``.
+        parallel: one of :data:`PARALLEL`.
         device: this process's device (``cuda:<local_rank>`` on GPUs).
     """
 
@@ -58,14 +63,57 @@ class DistributedRun:
         per = batch.shape[0] // self.world
         return batch[self.rank * per : (self.rank + 1) * per]
 
+    @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage of ``zero1``/``zero2``, else ``None``."""
+        return int(self.parallel[len("zero") :]) if self.parallel.startswith("zero") else None
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The model to call for training steps (DR-LoRA must be attached already)."""
+        """The model to call for training steps (DR-LoRA must be attached already). Under ZeRO
+        the model is returned as is: :meth:`deepspeed_initialize` wraps it with its optimizer."""
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.local_rank] if self.device.startswith("cuda") else None
             return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+        if self.zero_stage is not None:
+            return model
         return shard_decoder_layers(model)
+
+    def deepspeed_initialize(self, model: nn.Module, optimizer, micro_batch: int):
+        """ZeRO-``zero_stage`` around ``optimizer`` (torch ``AdamW``) with DR-LoRA driven from
+        ``engine.step()``. Returns ``(engine, zero_optimizer)``.
+
+        Raises:
+            ValueError: DeepSpeed is not installed.
+            TypeError: ``optimizer`` is a ``RankAwareAdamW`` (ZeRO hands it flat partitions).
+        """
+        if not self.device.startswith("cuda"):
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+        try:
+            import deepspeed
+        except ImportError as exc:
+            raise ValueError(
+                f"--parallel {self.parallel} needs DeepSpeed (pip install deepspeed): {exc}"
+            ) from None
+        from ..engines.deepspeed import install_deepspeed_hooks
+
+        dtype = next(model.parameters()).dtype
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        engine, zero_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False
+        )
+        install_deepspeed_hooks(engine)
+        return engine, zero_optimizer
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a scalar over the processes (for the logged loss)."""
@@ -102,7 +150,7 @@ def init_from_env(parallel: str | None, device: str) -> DistributedRun | None:
     """Join the ``torchrun`` job described by the environment; ``None`` for a single process.
 
     Args:
-        parallel: ``"ddp"``/``"fsdp2"``, or ``None`` for ``"ddp"``.
+        parallel: one of :data:`PARALLEL`, or ``None`` for ``"ddp"``.
         device: ``"cpu"`` (gloo) or ``"cuda"`` (nccl; this process uses ``cuda:<LOCAL_RANK>``).
 
     Raises:

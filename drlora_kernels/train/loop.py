@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,6 +254,15 @@ def prepare_training(
         use_masked_compute(handle.pools)
     train_model = parallel.wrap(model) if parallel is not None else model
     opt = build_optimizer(handle, handle.trainable_parameters(), cfg)
+    if parallel is not None and parallel.zero_stage is not None:
+        if cfg.optimizer != "adamw":
+            raise ValueError(
+                f"--parallel {parallel.parallel}: ZeRO partitions the optimizer state, which "
+                f"RankAwareAdamW cannot run on; use --optimizer adamw (got {cfg.optimizer!r})"
+            )
+        train_model, opt = parallel.deepspeed_initialize(
+            model, opt, micro_batch=cfg.batch_size // parallel.world
+        )
     model.train()
     return handle, opt, train_model
 
@@ -269,7 +279,17 @@ def build_optimizer(
 def train_step(
     model: nn.Module, controller, opt: torch.optim.Optimizer, batch: torch.Tensor
 ) -> tuple[torch.Tensor, list]:
-    """One optimizer step: loss, backward, DR-LoRA statistics and growth, update. Returns (loss, events)."""
+    """One optimizer step: loss, backward, DR-LoRA statistics and growth, update. Returns (loss, events).
+
+    A DeepSpeed engine (``--parallel zero1|zero2``) runs the statistics and growth itself,
+    inside ``engine.step()`` (:func:`~drlora_kernels.engines.deepspeed.install_deepspeed_hooks`).
+    """
+    if _is_deepspeed_engine(model):
+        seen = len(controller.engine.events)
+        loss = lm_loss(model, batch)
+        model.backward(loss)
+        model.step()
+        return loss.detach(), controller.engine.events[seen:]
     loss = lm_loss(model, batch)
     loss.backward()
     controller.update_statistics()
@@ -277,6 +297,11 @@ def train_step(
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach(), events
+
+
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    ds = sys.modules.get("deepspeed")
+    return ds is not None and isinstance(model, ds.DeepSpeedEngine)
 
 
 def finetune(
