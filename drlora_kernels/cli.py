@@ -221,14 +221,11 @@ def _optimizer(args: argparse.Namespace) -> str:
 def _train_spec(args: argparse.Namespace):
     from .config import DRLoRAConfig
     from .train import loop
+    from .train.distributed import check_optimizer
     from .train.models import ARCHITECTURES
     from .train.pipeline import RunSpec
 
-    if (args.parallel or "").startswith("zero") and _optimizer(args) != "adamw":
-        raise ValueError(
-            f"--parallel {args.parallel} runs DeepSpeed ZeRO, which hands the optimizer flat "
-            "partitions that RankAwareAdamW cannot run on: use --optimizer adamw"
-        )
+    check_optimizer(args.parallel, _optimizer(args))
     is_arch = args.model in ARCHITECTURES
     if not is_arch and not os.path.isdir(args.model):
         raise ValueError(

@@ -154,11 +154,12 @@ class GrowthSchedule:
         self._event_index: dict[int, int] = {}
         self.module_targets = _module_targets(module_targets, num_modules, r_max)
         self.row_quota = torch.zeros(0, dtype=torch.int64)
-        growth = (
-            r_target - r_init
+        grow_rows = (  # per layer: the ranks its modules gain from r_init to their targets
+            None
             if self.module_targets is None
-            else int((self.module_targets - self.module_targets.clamp(max=r_init)).sum(1).max())
+            else (self.module_targets - self.module_targets.clamp(max=r_init)).sum(1)
         )
+        growth = r_target - r_init if grow_rows is None else int(grow_rows.max())
         if growth <= 0:  # uniform LoRA: nothing to grow, no events
             return
         n_events = (
@@ -175,8 +176,7 @@ class GrowthSchedule:
         else:
             self.events = self._events_until(n_events)
         self.quota = math.ceil(num_modules * (r_target - r_init) / len(self.events))
-        if self.module_targets is not None:
-            grow_rows = (self.module_targets - self.module_targets.clamp(max=r_init)).sum(1)
+        if grow_rows is not None:
             self.row_quota = torch.ceil(grow_rows.double() / len(self.events)).to(torch.int64)
             self.quota = int(self.row_quota.max())
         if self.cap == 0 and n_events > 1:

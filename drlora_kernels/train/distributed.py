@@ -33,6 +33,21 @@ from torch import nn
 PARALLEL = ("ddp", "fsdp2", "zero1", "zero2")
 
 
+def check_optimizer(parallel: str | None, optimizer: str) -> None:
+    """Refuse ``RankAwareAdamW`` under ZeRO (``--parallel zero1|zero2``): ZeRO hands the
+    optimizer flat partitions, on which its per-slot state cannot run.
+
+    Raises:
+        ValueError: ``parallel`` is a ZeRO stage and ``optimizer`` is not ``"adamw"``.
+    """
+    if (parallel or "").startswith("zero") and optimizer != "adamw":
+        raise ValueError(
+            f"--parallel {parallel} runs DeepSpeed ZeRO, which hands the optimizer flat "
+            f"partitions that RankAwareAdamW cannot run on: use --optimizer adamw "
+            f"(got {optimizer!r})"
+        )
+
+
 @dataclass(frozen=True)
 class DistributedRun:
     """This process's place in a ``torchrun`` job and the engine that wraps the model.

@@ -255,11 +255,9 @@ def prepare_training(
     train_model = parallel.wrap(model) if parallel is not None else model
     opt = build_optimizer(handle, handle.trainable_parameters(), cfg)
     if parallel is not None and parallel.zero_stage is not None:
-        if cfg.optimizer != "adamw":
-            raise ValueError(
-                f"--parallel {parallel.parallel}: ZeRO partitions the optimizer state, which "
-                f"RankAwareAdamW cannot run on; use --optimizer adamw (got {cfg.optimizer!r})"
-            )
+        from .distributed import check_optimizer
+
+        check_optimizer(parallel.parallel, cfg.optimizer)
         train_model, opt = parallel.deepspeed_initialize(
             model, opt, micro_batch=cfg.batch_size // parallel.world
         )
